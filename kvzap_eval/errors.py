@@ -1,0 +1,42 @@
+"""Exception classes: every error a user can cause has its own type and a one-line message that names the fix."""
+
+from __future__ import annotations
+
+
+class KVzapError(Exception):
+    """Base class of all kvzap-eval errors."""
+
+
+class ConfigError(KVzapError, ValueError):
+    """A setting is out of range or unknown (threshold, window, ratio, method, backend...)."""
+
+
+class CheckpointError(KVzapError):
+    """A surrogate checkpoint is missing, malformed, unsafe (pickle) or does not match the LLM."""
+
+
+class MissingExtraError(KVzapError, ImportError):
+    """An optional backend was requested but its extra is not installed."""
+
+    def __init__(self, package: str, extra: str):
+        super().__init__(f"{package} is not installed: pip install 'kvzap-eval[{extra}]'")
+        self.package = package
+        self.extra = extra
+
+
+class EmbeddedModelError(KVzapError):
+    """The embedded SmolLM2 model package is missing or cannot be converted."""
+
+
+class UnsupportedModelError(KVzapError):
+    """The LLM's architecture is not one the runtime supports."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise `MissingExtraError` naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - exercised through the tests with a fake module name
+        raise MissingExtraError(module, extra) from exc

@@ -1,0 +1,68 @@
+"""Measurements of a compressed cache: entries kept and evicted per (layer, batch, head), bytes held, ratios."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """One layer: real entries kept/evicted per (batch, head), logical and physical lengths, bytes."""
+
+    kept: torch.Tensor  # (B, H) int
+    evicted: torch.Tensor  # (B, H) int
+    logical_length: int  # tokens seen, padding included
+    physical_length: int  # slots held per row
+    nbytes: int  # every tensor the layer holds (keys, values, slot bookkeeping)
+    full_kv_nbytes: int  # keys + values of an uncompressed cache of the same logical length
+
+    @property
+    def compression_ratio(self) -> float:
+        """Evicted real entries / real entries seen (padding never counts)."""
+        total = int((self.kept + self.evicted).sum())
+        return int(self.evicted.sum()) / total if total else 0.0
+
+
+@dataclass
+class CompressionStats:
+    """A whole cache: the paper's compression ratio is the mean of the per-layer ratios."""
+
+    layers: list[LayerStats]
+
+    @property
+    def compression_ratio(self) -> float:
+        return sum(s.compression_ratio for s in self.layers) / len(self.layers) if self.layers else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.layers)
+
+    @property
+    def full_kv_nbytes(self) -> int:
+        return sum(s.full_kv_nbytes for s in self.layers)
+
+    @property
+    def bytes_fraction(self) -> float:
+        """Bytes held / bytes a full cache would hold."""
+        return self.nbytes / self.full_kv_nbytes if self.full_kv_nbytes else 1.0
+
+    def per_layer_head(self) -> dict[str, torch.Tensor]:
+        """Kept and evicted counts as (layers, B, H) tensors."""
+        return {
+            "kept": torch.stack([s.kept for s in self.layers]),
+            "evicted": torch.stack([s.evicted for s in self.layers]),
+        }
+
+    def summary(self) -> dict:
+        """JSON-ready summary (what reports and lm-eval's results["config"] record)."""
+        return {
+            "compression_ratio": self.compression_ratio,
+            "kv_bytes": self.nbytes,
+            "full_kv_bytes": self.full_kv_nbytes,
+            "bytes_fraction": self.bytes_fraction,
+            "per_layer_compression_ratio": [s.compression_ratio for s in self.layers],
+            "logical_length": self.layers[0].logical_length if self.layers else 0,
+            "physical_length": [s.physical_length for s in self.layers],
+        }

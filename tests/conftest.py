@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random causal LMs (GQA; Qwen3 adds q/k-norm) and surrogates shaped for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from kvzap_eval.surrogate import random_surrogate
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=16, **common)
+    return LlamaConfig(**common)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, sharpen: float = 4.0, **overrides) -> torch.nn.Module:
+    """A random model whose q/k projections are scaled up so attention is peaked and evictions change logits."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = (Qwen3ForCausalLM if arch == "qwen3" else LlamaForCausalLM)(config).eval()
+    model.generation_config.eos_token_id = None  # random models: generate exactly max_new_tokens
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(sharpen)
+    return model
+
+
+@pytest.fixture(params=["llama", "qwen3"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+def surrogate_for(model, model_type: str = "mlp", seed: int = 1, scale: float = 4.0):
+    return random_surrogate(model.config, model_type, seed=seed, scale=scale)
+
+
+def left_padded(batch_lengths: list[int], vocab: int = 128, seed: int = 0):
+    """Random input ids with left padding (pad id 0) and the matching attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(batch_lengths)
+    ids = torch.zeros(len(batch_lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(batch_lengths), width, dtype=torch.long)
+    for row, length in enumerate(batch_lengths):
+        ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=g)
+        mask[row, width - length :] = 1
+    return ids, mask
