@@ -80,7 +80,11 @@ class KVzapSession:
 
     # --- hooks -----------------------------------------------------------------------------------------------
     def _before_model_forward(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        # The keyword is `cache` in recent transformers, `past_key_values` in earlier 5.x (5.2-5.18); either may be
+        # given, possibly as None. The cache in use is always passed on under the keyword this version reads.
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         if not isinstance(cache, CompactCache):
             if cache is not None and cache.get_seq_length() > 0:
                 raise KVzapError(
@@ -90,8 +94,9 @@ class KVzapSession:
             if cache is None and kwargs.get("use_cache") is False:
                 return args, kwargs
             cache = self.new_cache()
-            kwargs.pop("past_key_values", None)
-            kwargs[self._cache_kwarg] = cache
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        kwargs[self._cache_kwarg] = cache
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from kvzap_eval.surrogate import random_surrogate
+
+
+#: The forward keyword of the KV cache: `cache` in recent transformers, `past_key_values` in 5.2-5.18.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The cache a model forward returned, whichever name this transformers version gives it."""
+    return getattr(output, CACHE_KWARG)
 
 
 def tiny_config(arch: str = "llama", **overrides):

@@ -31,7 +31,9 @@ class MaskingDMS:
     def hook(self, module, args, kwargs, output):
         layer_idx = module.layer_idx
         hidden_states = kwargs["hidden_states"]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = kwargs.get("cache")
+        if cache is None:  # transformers < 5.19 passes it as `past_key_values`
+            cache = kwargs.get("past_key_values")
         q = hidden_states.shape[1]
         cache_len = cache.layers[layer_idx].keys.shape[-2]
         prefilling = cache_len == q

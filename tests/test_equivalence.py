@@ -12,7 +12,7 @@ from kvzap_eval.policies import ThresholdPolicy
 from kvzap_eval.runtime import compress
 from kvzap_eval.scorers import KVzapScorer
 
-from .conftest import left_padded, surrogate_for, tiny_model
+from .conftest import CACHE_KWARG, left_padded, output_cache, surrogate_for, tiny_model
 from .dms_reference import MaskingDMS, masking_dms
 
 # fp32 on CPU; the two paths differ only in summation order (folded GQA heads, gathered keys).
@@ -88,8 +88,8 @@ def test_chunked_prefill_then_decode_equals_reference(kernel):
         logits, cache = [], None
         with context as handle:
             for chunk in chunks:
-                out = model(input_ids=chunk, cache=cache, use_cache=True)
-                cache = out.cache
+                out = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: cache})
+                cache = output_cache(out)
                 logits.append(out.logits)
         return torch.cat(logits, dim=1), handle
 
