@@ -6,7 +6,7 @@ import sys
 
 from .errors import KVzapError
 
-SUBCOMMANDS = {"demo": "kvzap_eval.demo"}
+SUBCOMMANDS = {"demo": "kvzap_eval.demo", "bench": "kvzap_eval.bench"}
 
 
 def main(argv: list[str] | None = None) -> int:
