@@ -1,7 +1,12 @@
-"""The `kvzap-eval` command: subcommands for the demo (and, as they land, evaluation, latency, sweeps, gates)."""
+"""The `kvzap-eval` command: our subcommands, and otherwise lm-eval's own CLI with `kvzap_hf` registered.
+
+    kvzap-eval demo ...                                   # a KVzap generation demo
+    kvzap-eval --model kvzap_hf --model_args threshold=-5 --tasks ...   # exactly lm_eval's arguments
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from .errors import KVzapError
@@ -9,16 +14,28 @@ from .errors import KVzapError
 SUBCOMMANDS = {"demo": "kvzap_eval.demo", "bench": "kvzap_eval.bench"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import importlib
+def run_lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI on `argv`, with `kvzap_hf` registered."""
+    from .lm_eval_hook import register
 
+    register()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS:
-        print(f"usage: kvzap-eval {{{','.join(SUBCOMMANDS)}}} [options]  (kvzap-eval <cmd> --help)", file=sys.stderr)
-        return 2
-    module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"subcommands: {', '.join(SUBCOMMANDS)} (kvzap-eval <subcommand> --help); anything else goes to lm_eval")
+        return 0
     try:
-        return module.main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return run_lm_eval(argv)
     except KVzapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,11 @@ class MissingExtraError(KVzapError, ImportError):
         self.extra = extra
 
 
+class ArtifactError(KVzapError):
+    """An exported scorer artifact (ONNX file, TensorRT engine, manifest) is missing, corrupt or made for another
+    surrogate, model, runtime or GPU."""
+
+
 class EmbeddedModelError(KVzapError):
     """The embedded SmolLM2 model package is missing or cannot be converted."""
 

@@ -58,7 +58,7 @@ class KVzapSession:
         self._handles: list = []
         self._base_attention: str | None = None
         parameters = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
 
     def new_cache(self) -> CompactCache:
         return CompactCache(len(self.attention_modules))
@@ -96,7 +96,7 @@ class KVzapSession:
             cache = self.new_cache()
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
-        kwargs[self._cache_kwarg] = cache
+        kwargs[self.cache_kwarg] = cache
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]

@@ -48,6 +48,19 @@ class CompressionStats:
         """Bytes held / bytes a full cache would hold."""
         return self.nbytes / self.full_kv_nbytes if self.full_kv_nbytes else 1.0
 
+    def per_row_compression_ratio(self) -> list[float]:
+        """Compression ratio of each batch row (mean over layers), e.g. one per evaluated sample."""
+        if not self.layers:
+            return []
+        ratios = []
+        for row in range(self.layers[0].kept.shape[0]):
+            per_layer = []
+            for s in self.layers:
+                total = int((s.kept[row] + s.evicted[row]).sum())
+                per_layer.append(int(s.evicted[row].sum()) / total if total else 0.0)
+            ratios.append(sum(per_layer) / len(per_layer))
+        return ratios
+
     def per_layer_head(self) -> dict[str, torch.Tensor]:
         """Kept and evicted counts as (layers, B, H) tensors."""
         return {

@@ -33,11 +33,11 @@ from .conftest import CACHE_KWARG, output_cache, tiny_model  # noqa: E402
 pytestmark = pytest.mark.oracle
 
 THRESHOLD = -4.0
-DECODE_STEPS = 60
 #: Surrogate scaling per type: scores = scale * f(h) + offset spread over roughly [-8, 0], around THRESHOLD.
 SURROGATE = {"mlp": dict(scale=4.0, score_offset=-3.5), "linear": dict(scale=2.0, score_offset=-4.0)}
-#: No score may lie this close to the threshold (the two sides' hidden states differ in the last bits only).
-MARGIN = 1e-4
+#: No score may lie this close to the threshold. The two sides' scores differ by < 1e-6 (hidden states differ in
+#: the last bits only) and are asserted to differ by < MARGIN / 2, so both sides take the same side of it.
+MARGIN = 1e-5
 
 
 def kvpress_model_name(model, model_type: str) -> str:
@@ -175,34 +175,45 @@ def ours_evicted(cache) -> list[set[tuple[int, int, int]]]:
     return result
 
 
-def drive(model, tokens: torch.Tensor, prompt_len: int, read_evicted, read_ratio, get_cache=output_cache):
-    """Prefill `tokens[:, :prompt_len]`, then feed the rest one token per forward; record after every forward."""
+def drive(model, tokens: torch.Tensor, chunks: tuple[int, ...], read_evicted, read_ratio):
+    """Forward `chunks` tokens at a time (prefill, then e.g. a question), then the rest one token per forward;
+    record the evicted sets, the compression ratio and the last logits after every forward."""
+    bounds, start = [], 0
+    for size in list(chunks) + [1] * (tokens.shape[1] - sum(chunks)):
+        bounds.append((start, start + size))
+        start += size
     evicted, ratios, logits = [], [], []
     cache = None
     with torch.no_grad():
-        for start, stop in [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, tokens.shape[1])]:
+        for start, stop in bounds:
             out = model(input_ids=tokens[:, start:stop], use_cache=True, **{CACHE_KWARG: cache})
-            cache = get_cache(out)
+            cache = output_cache(out)
             evicted.append(read_evicted(cache))
             ratios.append(read_ratio())
             logits.append(out.logits[:, -1].float())
     return evicted, ratios, torch.cat(logits)
 
 
-CASES = [  # (surrogate type, window, prompt length)
-    pytest.param("mlp", 16, 64, id="mlp-w16-p64"),
-    pytest.param("linear", 16, 64, id="linear-w16-p64"),
-    pytest.param("mlp", 128, 200, id="mlp-w128-p200"),
+CASES = [  # (surrogate type, window, sizes of the multi-token forwards, decode steps)
+    pytest.param("mlp", 16, (64,), 60, id="mlp-w16-p64"),
+    pytest.param("linear", 16, (64,), 60, id="linear-w16-p64"),
+    pytest.param("mlp", 128, (200,), 60, id="mlp-w128-p200"),
+    # a second multi-token forward against the pruned cache (a question after a context). Kept short: kvpress masks
+    # with a fake key found by `search_hyperplane`, which needs all queries of a KV group in one half-space; with
+    # head_dim 16, 2 query heads per group and 24 tokens (48 queries) it raises "Could not find fake keys".
+    pytest.param("mlp", 16, (40, 6), 60, id="mlp-w16-p40-q6"),
+    # a prompt shorter than the window: nothing is decided in prefill, decisions start mid-decode
+    pytest.param("linear", 128, (64,), 100, id="linear-w128-p64"),
 ]
 
 
-@pytest.mark.parametrize(("model_type", "window", "prompt_len"), CASES)
+@pytest.mark.parametrize(("model_type", "window", "chunks", "decode_steps"), CASES)
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_evictions_equal_dms_press(tmp_path, arch, model_type, window, prompt_len):
+def test_evictions_equal_dms_press(tmp_path, arch, model_type, window, chunks, decode_steps):
     reference_model = tiny_model(arch, attn_implementation="sdpa")
     model = tiny_model(arch, attn_implementation="sdpa")  # same seed: identical weights, untouched by kvpress
     _, directory = surrogate_dir(tmp_path, model, model_type)
-    tokens = random_tokens(prompt_len + DECODE_STEPS, seed=prompt_len + window)
+    tokens = random_tokens(sum(chunks) + decode_steps, seed=sum(chunks) + window)
 
     # kvpress
     scorer_press = local_kvzap_press(reference_model, directory, model_type)
@@ -212,7 +223,7 @@ def test_evictions_equal_dms_press(tmp_path, arch, model_type, window, prompt_le
         expected, expected_ratios, expected_logits = drive(
             reference_model,
             tokens,
-            prompt_len,
+            chunks,
             lambda cache: kvpress_evicted(reference_model),
             lambda: dms.compression_ratio,
         )
@@ -223,7 +234,7 @@ def test_evictions_equal_dms_press(tmp_path, arch, model_type, window, prompt_le
     )
     method.scorer = ours_scores = RecordingScorer(method.scorer)
     with compress(model, method) as session:
-        got, ratios, logits = drive(model, tokens, prompt_len, ours_evicted, lambda: session.stats().compression_ratio)
+        got, ratios, logits = drive(model, tokens, chunks, ours_evicted, lambda: session.stats().compression_ratio)
 
     # no score is ambiguous at the threshold
     num_layers = model.config.num_hidden_layers
@@ -231,30 +242,34 @@ def test_evictions_equal_dms_press(tmp_path, arch, model_type, window, prompt_le
         theirs = torch.cat(kvpress_scores.scores[layer_idx], dim=-1)
         assert float((theirs - THRESHOLD).abs().min()) > MARGIN, "a score lies at the threshold: change the seed"
 
-    # the same evictions after prefill and after every decode step, in every layer
-    assert len(got) == len(expected) == DECODE_STEPS + 1
+    # the same evictions after prefill and after every later forward, in every layer
+    assert len(got) == len(expected) == len(chunks) + decode_steps
     for step, (theirs, mine) in enumerate(zip(expected, got)):
+        phase = "prefill" if step == 0 else ("chunk" if step < len(chunks) else "decode")
         for layer_idx in range(num_layers):
             assert mine[layer_idx] == theirs[layer_idx], (
-                f"step {step} ({'prefill' if step == 0 else 'decode'}), layer {layer_idx}: "
+                f"forward {step} ({phase}), layer {layer_idx}: "
                 f"only kvpress {sorted(theirs[layer_idx] - mine[layer_idx])[:8]}, "
                 f"only ours {sorted(mine[layer_idx] - theirs[layer_idx])[:8]}"
             )
-    # ... and the test means something: evictions in prefill and during decode, in every layer, not everything
+    # ... and the test means something: evictions in prefill (when the prompt exceeds the window) and while
+    # decoding, in every layer, but not everything
     total_heads = model.config.num_key_value_heads
     for layer_idx in range(num_layers):
-        after_prefill, final = expected[0][layer_idx], expected[-1][layer_idx]
-        assert after_prefill, f"layer {layer_idx}: nothing evicted in prefill"
-        assert final > after_prefill, f"layer {layer_idx}: nothing evicted while decoding"
+        after_prefill, before_decode, final = (expected[i][layer_idx] for i in (0, len(chunks) - 1, -1))
+        assert bool(after_prefill) == (chunks[0] > window), f"layer {layer_idx}: prefill evictions {len(after_prefill)}"
+        assert final > before_decode, f"layer {layer_idx}: nothing evicted while decoding"
         decided = total_heads * (tokens.shape[1] - window)
         assert len(final) < decided, f"layer {layer_idx}: everything was evicted"
+    if len(chunks) > 1:
+        assert all(expected[1][i] > expected[0][i] for i in range(num_layers)), "the second chunk evicted nothing"
 
     # the same scores were computed on both sides (one per token and layer, from its own hidden state)
     for layer_idx in range(num_layers):
         theirs = torch.cat(kvpress_scores.scores[layer_idx], dim=-1)
         mine = torch.cat(ours_scores.scores[layer_idx], dim=-1)
         assert mine.shape == theirs.shape == (1, model.config.num_key_value_heads, tokens.shape[1])
-        torch.testing.assert_close(mine, theirs, atol=MARGIN / 10, rtol=0)
+        torch.testing.assert_close(mine, theirs, atol=MARGIN / 2, rtol=0)
     # the same compression ratio (SPEC section 3 formula) after every forward
     assert ratios == pytest.approx(expected_ratios, abs=1e-12)
     # fake-key masking (kvpress) vs removal (ours): the same attention, up to rounding

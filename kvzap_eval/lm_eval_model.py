@@ -1,0 +1,309 @@
+"""lm-eval model `kvzap_hf`: `HFLM` whose generation and loglikelihood run with KVzap pruning.
+
+    lm_eval --model kvzap_hf --model_args threshold=-5 --tasks kvzap_longctx --include_path tasks
+
+Generation follows an evaluation protocol (`protocol.py`: `paper` by default, `chunked`, `dense`); loglikelihood
+prefills the context with pruning and scores the continuation against the pruned cache, so multiple-choice and
+perplexity tasks reflect compression (a single forward pass would not: lm-eval issue #3298). Statistics (achieved
+compression, KV bytes, per-layer scorer latency) go to `results["config"]["kvzap"]` through `get_model_info()`,
+and per sample to our tasks' `kv_compression` metric.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import fields
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from . import sample_stats
+from .embedded import resolve_pretrained
+from .errors import ConfigError
+from .methods import FIXED_RATIO_METHODS, MethodConfig, build_method
+from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
+from .runtime import KVzapSession, compress
+
+#: model_args of our own, with their coercions (lm-eval passes -5 as int or float, booleans as bool or str).
+OWN_ARGS = {
+    "surrogate": str,
+    "model_type": str,
+    "threshold": float,
+    "window": int,
+    "method": str,
+    "compression_ratio": float,
+    "backend": str,
+    "decoding": "bool",
+    "n_sink": int,
+    "alpha": float,
+    "seed": int,
+    "protocol": str,
+    "prefill_chunk": int,
+}
+#: from_pretrained keywords accepted besides HFLM's named parameters.
+FROM_PRETRAINED_ARGS = {"attn_implementation", "low_cpu_mem_usage", "device_map"}
+
+
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"model_arg {name}={value!r} must be true or false")
+
+
+def _coerce(name: str, value):
+    kind = OWN_ARGS[name]
+    if kind == "bool":
+        return _as_bool(name, value)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"model_arg {name}={value!r} must be a {kind.__name__}") from None
+
+
+def _check_known(kwargs: dict) -> None:
+    allowed = set(OWN_ARGS) | set(inspect.signature(HFLM.__init__).parameters) | FROM_PRETRAINED_ARGS
+    allowed -= {"self", "kwargs"}
+    for name in kwargs:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown model_arg {name!r} for kvzap_hf{hint}: see README 'model_args'")
+
+
+def method_config_from_args(args: dict) -> tuple[MethodConfig, str, int | None]:
+    """Validate our model_args and build the method settings, the protocol and the prefill chunk."""
+    protocol = args.pop("protocol", "paper")
+    chunk = args.pop("prefill_chunk", None)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"prefill_chunk must be a positive number of tokens, got {chunk}")
+    if protocol == "chunked" and chunk is None:
+        raise ConfigError("protocol=chunked needs prefill_chunk=<tokens>, e.g. prefill_chunk=512")
+    method = args.get("method", "kvzap")
+    if method in FIXED_RATIO_METHODS and "threshold" in args:
+        raise ConfigError(f"threshold is for method=kvzap; method={method} takes compression_ratio instead")
+    if method not in FIXED_RATIO_METHODS and "compression_ratio" in args:
+        raise ConfigError(
+            f"compression_ratio is for fixed-ratio methods ({', '.join(FIXED_RATIO_METHODS)}); "
+            f"method={method} takes threshold instead"
+        )
+    return MethodConfig(**args), protocol, chunk
+
+
+class KVzapHFLM(HFLM):
+    """HFLM with KVzap (or a baseline) compressing the KV cache of every request."""
+
+    def __init__(self, pretrained: str | None = None, **kwargs) -> None:
+        _check_known(kwargs)
+        own = {name: _coerce(name, kwargs.pop(name)) for name in list(kwargs) if name in OWN_ARGS}
+        self.method_config, self.protocol, self.prefill_chunk = method_config_from_args(own)
+        if self.prefill_chunk is not None and self.protocol == "paper":
+            self.protocol = "chunked" if own.get("protocol") is None else self.protocol
+        super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
+        self.method = build_method(self.model, self.method_config)
+        self._question_tokens: dict[tuple[int, ...], tuple[int, str | None, str]] = {}
+        self._records: list[dict] = []  # one per request row: task and achieved compression ratio
+        self._kv_bytes = [0, 0]  # bytes held, bytes of a full cache, summed over batches
+        self._latency = {"prefill": defaultdict(list), "decode": defaultdict(list)}
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self._question_tokens = {}
+        for request in requests:
+            self._register_prompt(request)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def _register_prompt(self, request) -> None:
+        prompt, gen_kwargs = request.args
+        ids = self.tok_batch_encode([prompt])[0][0].tolist()
+        budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        if len(ids) + budget > self.max_length:
+            raise ConfigError(
+                f"prompt of {len(ids)} tokens + max_gen_toks {budget} exceeds max_length {self.max_length} "
+                f"(task {request.task_name}, doc {request.doc_id}): raise max_length= or use shorter contexts"
+            )
+        doc = request.doc if isinstance(request.doc, dict) else {}
+        question = doc.get("kvzap_question")
+        n_question = self._count_question_tokens(prompt, question, len(ids)) if question else 0
+        self._question_tokens[tuple(ids)] = (n_question, doc.get("kvzap_uid"), request.task_name)
+
+    def _count_question_tokens(self, prompt: str, question: str, n_tokens: int) -> int:
+        start = prompt.rfind(question)
+        if start < 0:
+            return 0
+        special = self.tok_batch_encode([""])[0].shape[1]  # tokens added by the tokenizer itself (BOS)
+        encoding = self.tokenizer(prompt, add_special_tokens=special > 0, return_offsets_mapping=True)
+        if len(encoding["input_ids"]) != n_tokens:
+            return 0
+        return sum(1 for begin, end in encoding["offset_mapping"] if begin >= start and end > begin)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(context)
+        rows = [self._question_tokens.get(tuple(ids[m.bool()].tolist()), (0, None, None)) for ids, m in zip(context, mask)]
+        batch = self._prepare(context, mask, [n for n, _, _ in rows])
+        budget = max_length - context.shape[1]
+        with compress(self.model, self.method) as session:
+            cache = session.new_cache()
+            with torch.no_grad():
+                self._prefill(batch, cache, session.cache_kwarg)
+            fixed_ratio = self.method_config.method in FIXED_RATIO_METHODS
+            pause = session.pause() if fixed_ratio and batch.prefill_chunks else nullcontext()
+            with pause:
+                out = super()._model_generate(
+                    batch.input_ids,
+                    batch.input_ids.shape[1] + budget,
+                    stop,
+                    attention_mask=batch.attention_mask,
+                    **{session.cache_kwarg: cache},
+                    **generation_kwargs,
+                )
+            self._record(session, [(uid, task) for _, uid, task in rows])
+        return torch.cat([context, out[:, batch.input_ids.shape[1] :]], dim=1)
+
+    def _prepare(self, context: torch.Tensor, mask: torch.Tensor, question_tokens: list[int]) -> PreparedBatch:
+        if self.protocol == "paper" and any(question_tokens):
+            return split_context_question(context, mask, [max(1, n) for n in question_tokens])
+        if self.protocol == "chunked" or (self.protocol == "paper" and self.prefill_chunk):
+            return PreparedBatch(context, mask, chunk_widths(context.shape[1], self.prefill_chunk))
+        return PreparedBatch(context, mask, [])
+
+    def _prefill(self, batch: PreparedBatch, cache, cache_kwarg: str) -> None:
+        start = 0
+        for width in batch.prefill_chunks:
+            end = start + width
+            self.model(
+                input_ids=batch.input_ids[:, start:end],
+                attention_mask=batch.attention_mask[:, :end],
+                position_ids=_positions(batch.attention_mask)[:, start:end],
+                use_cache=True,
+                **{cache_kwarg: cache},
+            )
+            start = end
+
+    # --- loglikelihood -----------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._request_tasks = {request.args: request.task_name for request in requests}
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        size = self.batch_size if isinstance(self.batch_size, int) else 1
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            for index, answer in zip(chunk, self._score_batch([requests[i] for i in chunk])):
+                results[index] = answer
+                if requests[index][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                bar.update(1)
+        bar.close()
+        return results
+
+    def _score_batch(self, batch) -> list[tuple[float, bool]]:
+        """Prefill each context with pruning, then score its continuation against the pruned cache."""
+        for _, context, continuation in batch:
+            if len(context) + len(continuation) > self.max_length + 1:
+                raise ConfigError(
+                    f"context {len(context)} + continuation {len(continuation)} tokens exceed max_length "
+                    f"{self.max_length}: raise max_length= or shorten the input"
+                )
+        contexts = [torch.tensor(c, device=self.device) for _, c, _ in batch]
+        continuations = [torch.tensor(c[:-1], device=self.device) for _, _, c in batch]
+        ctx_ids, ctx_mask = _pad(contexts, left=True)
+        cont_ids, cont_mask = _pad(continuations, left=False)
+        mask = torch.cat([ctx_mask, cont_mask], 1)
+        positions = _positions(mask)
+        with compress(self.model, self.method) as session, torch.no_grad():
+            cache = session.new_cache()
+            kwarg = {session.cache_kwarg: cache}
+            first = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions[:, : ctx_ids.shape[1]], use_cache=True, **kwarg).logits[:, -1:]
+            logits = [first]
+            if cont_ids.shape[1] > 0:
+                pause = session.pause() if self.method_config.method in FIXED_RATIO_METHODS else nullcontext()
+                with pause:
+                    rest = self.model(input_ids=cont_ids, attention_mask=mask, position_ids=positions[:, ctx_ids.shape[1] :], use_cache=True, **kwarg)
+                logits.append(rest.logits)
+            tasks = getattr(self, "_request_tasks", {})
+            self._record(session, [(None, tasks.get(tuple(pair) if pair else None)) for pair, _, _ in batch])
+        logprobs = F.log_softmax(torch.cat(logits, 1).float(), dim=-1)
+        answers = []
+        for row, (_, _, continuation) in enumerate(batch):
+            target = torch.tensor(continuation, device=logprobs.device)
+            row_logprobs = logprobs[row, : len(continuation)]
+            total = row_logprobs.gather(1, target[:, None]).sum().item()
+            answers.append((total, bool((row_logprobs.argmax(-1) == target).all())))
+        return answers
+
+    # --- statistics --------------------------------------------------------------------------------------------
+    def _record(self, session: KVzapSession, rows: list[tuple[str | None, str | None]]) -> None:
+        stats = session.stats()
+        ratios = stats.per_row_compression_ratio()
+        for (uid, task), ratio in zip(rows, ratios):
+            if uid is not None:
+                sample_stats.record(uid, ratio)
+            self._records.append({"task": task, "compression_ratio": ratio})
+        self._kv_bytes[0] += stats.nbytes
+        self._kv_bytes[1] += stats.full_kv_nbytes
+        for phase, per_layer in session.timer.mean_us().items():
+            for layer, (us, calls) in enumerate(zip(per_layer, session.timer.calls[phase])):
+                if calls:
+                    self._latency[phase][layer].append(us)
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        records = self._records
+        per_task = defaultdict(list)
+        for record in records:
+            if record["task"] is not None:
+                per_task[record["task"]].append(record["compression_ratio"])
+        kv, full = self._kv_bytes
+        settings = {f.name: getattr(self.method_config, f.name) for f in fields(self.method_config)}
+        info["kvzap"] = {
+            **{name: value for name, value in settings.items() if value is not None},
+            "threshold": getattr(self.method.policy, "threshold", None),
+            "protocol": self.protocol,
+            "prefill_chunk": self.prefill_chunk,
+            "requests": len(records),
+            "achieved_compression_ratio": (
+                sum(r["compression_ratio"] for r in records) / len(records) if records else None
+            ),
+            "achieved_compression_ratio_per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
+            "kv_bytes": kv,
+            "full_kv_bytes": full,
+            "kv_bytes_fraction": kv / full if full else None,
+            "scorer_latency_us_per_layer": {
+                phase: [sum(v) / len(v) for _, v in sorted(layers.items())] for phase, layers in self._latency.items()
+            },
+        }
+        return info
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a 2D mask, as `generate` computes them (padding gets 0... and is never kept)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pad(sequences: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=sequences[0].device)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = seq
+        mask[row, span] = 1
+    return ids, mask
+
