@@ -110,6 +110,7 @@ def write_manifest(manifest: Manifest, directory: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(manifest.to_json(), handle, indent=2)
             handle.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

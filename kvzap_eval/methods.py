@@ -38,7 +38,9 @@ class MethodConfig:
     compression_ratio: float | None = None  # fixed-ratio methods: fraction of entries removed, in [0, 1)
     surrogate: str | None = None  # hub id or directory; None = kvpress naming rule (or the shipped one)
     model_type: str = "mlp"  # surrogate type for the naming rule: "linear" or "mlp"
-    backend: str = "torch"  # scorer backend
+    backend: str = "torch"  # scorer backend: torch, onnxruntime, tensorrt or cuda_graph
+    backend_dir: str | None = None  # exported artifacts for onnxruntime/tensorrt; None = export to the cache once
+    backend_threads: int | None = None  # onnxruntime intra-op threads; None = torch's thread count
     n_sink: int = 4  # streaming: attention sinks
     alpha: float = 0.2  # kvzap_adakv: fraction of each head's budget protected
     seed: int = 0  # random
@@ -79,7 +81,9 @@ def build_method(model: torch.nn.Module, config: MethodConfig | None = None, **s
         return Method(config, RandomScorer(heads, config.seed), FixedRatioPolicy(config.compression_ratio))
     if name == "streaming":
         return Method(config, StreamingScorer(heads, config.n_sink), FixedRatioPolicy(config.compression_ratio))
-    scorer = KVzapScorer(make_backend(config.backend, _load_checked_surrogate(model, config), placement(model)))
+    surrogate = _load_checked_surrogate(model, config)
+    backend = make_backend(config.backend, surrogate, placement(model), config.backend_dir, config.backend_threads)
+    scorer = KVzapScorer(backend)
     if name == "kvzap_adakv":
         return Method(config, scorer, FixedRatioPolicy(config.compression_ratio, scope="layer", alpha=config.alpha))
     threshold = config.threshold if config.threshold is not None else DEFAULT_THRESHOLD

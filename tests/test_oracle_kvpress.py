@@ -112,7 +112,8 @@ def test_scores_equal_kvzap_press(tmp_path, arch, model_type):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
             # also on a batch of random hidden states with a wider spread
             h = torch.randn(3, 11, model.config.hidden_size, generator=torch.Generator().manual_seed(layer_idx)) * 3
-            torch.testing.assert_close(ours(layer_idx, h), press.score(module, h, None, None, None, {}), atol=1e-5, rtol=0)
+            expected = press.score(module, h, None, None, None, {})
+            torch.testing.assert_close(ours(layer_idx, h), expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- evictions

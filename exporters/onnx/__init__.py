@@ -1,0 +1,18 @@
+"""ONNX export of KVzap surrogates: `main_export` (library), `validate_export` (its own step), `python -m exporters.onnx`."""
+
+from .export import ExportResult, OnnxExportConfig, default_export_dir, export_layers, main_export, trace_layer
+from .validate import TOLERANCES, ExportValidationError, LayerValidation, OutputCheck, validate_export
+
+__all__ = [
+    "TOLERANCES",
+    "ExportResult",
+    "ExportValidationError",
+    "LayerValidation",
+    "OnnxExportConfig",
+    "OutputCheck",
+    "default_export_dir",
+    "export_layers",
+    "main_export",
+    "trace_layer",
+    "validate_export",
+]

@@ -1,0 +1,160 @@
+"""ONNX Runtime scorer backend: one `InferenceSession` per decoder layer, run by IO binding on torch tensors.
+
+Inputs and outputs never go through numpy: the layer's hidden states are bound by `data_ptr()` and the scores are
+written straight into a torch tensor. CPU layers use the CPU execution provider; CUDA layers use the CUDA one,
+which needs `onnxruntime-gpu` (extra `onnx-gpu`) instead of `onnxruntime` — never both in one environment.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+from ..errors import ConfigError, MissingExtraError, require
+from ..surrogate import KVzapSurrogate
+from .artifacts import checked_export
+from .base import ScorerBackend
+from .torch_backend import Placement
+
+#: Distributions that all install the Python package `onnxruntime`; two at once overwrite each other's files.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                     "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip
+#: ONNX element types (TensorProto) of the torch dtypes a session can be bound to.
+_ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
+_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def installed_onnxruntime() -> dict[str, str]:
+    """{distribution: version} of every installed onnxruntime flavour."""
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def import_onnxruntime():
+    """Import `onnxruntime`, refusing an environment with two flavours (`ConfigError`) or none (`MissingExtraError`)."""
+    flavours = installed_onnxruntime()
+    if len(flavours) > 1:
+        listed = ", ".join(f"{name} {version}" for name, version in flavours.items())
+        raise ConfigError(
+            f"{listed} are all installed: they share one `onnxruntime` folder and overwrite each other's files, "
+            f"so the result is neither: pip uninstall -y {' '.join(flavours)}, then pip install "
+            "'kvzap-eval[onnx]' (CPU) or 'kvzap-eval[onnx-gpu]' (CUDA)"
+        )
+    return require("onnxruntime", "onnx")
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """Session settings: `threads` intra-op threads per session (None = torch's thread count), `spin` lets idle
+    workers busy-wait (faster hand-off, but they then steal cores from torch between calls)."""
+
+    threads: int | None = None
+    spin: bool = False
+
+
+def export_dtype_for(placement: Placement) -> str:
+    """The dtype to export for these layers when no export is given: fp16 for fp16 layers, else fp32 (ONNX Runtime
+    has no bf16 CPU kernels; bf16 layers are cast in and out)."""
+    dtypes = {dtype for _, dtype in placement}
+    return "fp16" if dtypes == {torch.float16} else "fp32"
+
+
+class _LayerSession:
+    """One layer's session, its IO binding and the device/dtype it binds to."""
+
+    def __init__(self, ort, path: str, options, device: torch.device, dtype: torch.dtype, heads: int) -> None:
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise MissingExtraError("onnxruntime-gpu (CUDA execution provider)", "onnx-gpu")
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            stream = torch.cuda.current_stream(index).cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
+            self.device_type, self.device_id = "cuda", index
+        else:
+            providers, self.device_type, self.device_id = ["CPUExecutionProvider"], "cpu", 0
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf, ...)
+            from ..errors import ArtifactError
+
+            raise ArtifactError(f"onnxruntime cannot load {path!r} ({exc}): re-export it") from None
+        self.binding = self.session.io_binding()
+        self.dtype, self.element_type, self.heads = dtype, _ELEMENT_TYPES[dtype], heads
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        out = torch.empty((batch, self.heads, tokens), dtype=self.dtype, device=x.device)
+        if x.numel() == 0:
+            return out
+        binding = self.binding
+        binding.bind_input("hidden_states", self.device_type, self.device_id, self.element_type, x.shape, x.data_ptr())
+        binding.bind_output("scores", self.device_type, self.device_id, self.element_type, out.shape, out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+class OnnxRuntimeBackend(ScorerBackend):
+    """Runs an ONNX export of the surrogate (see `exporters.onnx`), one session per decoder layer.
+
+    `artifacts`: an export directory, or None to export `surrogate` into the cache on first use. The manifest is
+    checked against the surrogate and the model's layer count, each file against its hash, before any session loads.
+    Hidden states of another dtype than the export's are cast on the way in and the scores cast back.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        surrogate: KVzapSurrogate,
+        placement: Placement,
+        artifacts: str | os.PathLike | None = None,
+        settings: OrtSettings | None = None,
+    ) -> None:
+        ort = import_onnxruntime()
+        settings = settings or OrtSettings()
+        self.threads = settings.threads or torch.get_num_threads()
+        self.directory, self.manifest = checked_export(surrogate, len(placement), artifacts, export_dtype_for(placement))
+        self.dtype = _EXPORT_DTYPES[self.manifest.dtype]
+        if self.dtype == torch.bfloat16 and any(device.type == "cpu" for device, _ in placement):
+            raise ConfigError(
+                f"the export in {str(self.directory)!r} is bf16, which onnxruntime cannot run on CPU: export fp32 or "
+                "fp16 (python -m exporters.onnx ... --dtype fp32)"
+            )
+        if any(dtype != self.dtype for _, dtype in placement):
+            warnings.warn(f"the {self.manifest.dtype} export runs layers of another dtype: hidden states are cast",
+                          stacklevel=2)  # fmt: skip
+        options = self._options(ort, settings)
+        heads = self.manifest.surrogate.output_dim
+        self.layers = [
+            _LayerSession(ort, str(self.directory / artifact.file), options, device, self.dtype, heads)
+            for artifact, (device, _) in zip(self.manifest.layers, placement)
+        ]
+
+    def _options(self, ort, settings: OrtSettings):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False  # shapes change every call (prefill lengths)
+        options.enable_cpu_mem_arena = False  # an arena per layer would keep each layer's largest prefill buffers
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spin else "0")
+        return options
+
+    def __call__(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[layer_idx]
+        x = hidden_states
+        if x.dtype != self.dtype or not x.is_contiguous():
+            x = x.to(self.dtype).contiguous()
+        out = layer.run(x)
+        return out if hidden_states.dtype == self.dtype else out.to(hidden_states.dtype)
