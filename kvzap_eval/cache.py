@@ -37,8 +37,8 @@ class CompactLayer(DynamicLayer):
         self.new_slots: torch.Tensor | None = None  # slots written by the last update: (B, H, q) int64
         self.new_token_index: torch.Tensor | None = None  # last update's tokens: index among real tokens, -1 = pad
         self.cumulative_length = 0  # logical tokens seen, padding included
-        self.evicted: torch.Tensor | None = None  # (B, H) real entries evicted so far
-        self.real_tokens: torch.Tensor | None = None  # (B,) non-padding tokens seen
+        self.real_tokens: torch.Tensor | None = None  # (B,) non-padding tokens seen (kept + evicted, per head)
+        self.decided_upto = 0  # every token at a logical position below this has been decided by the policy
 
     # --- transformers cache-layer contract -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -47,7 +47,6 @@ class CompactLayer(DynamicLayer):
         self.keys = key_states.new_zeros(b, h, 0, d)
         self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
         self.positions = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
-        self.evicted = torch.zeros(b, h, dtype=torch.long, device=self.device)
         self.real_tokens = torch.zeros(b, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
@@ -63,6 +62,9 @@ class CompactLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
+        if q == 1 and valid_new is None and self.keys.shape[-2] > 0:
+            self._decode_step(key_states, value_states)
+            return self.keys, self.values
         positions = self.cumulative_length + torch.arange(q, device=self.device).expand(b, q)
         if valid_new is None:
             self.new_token_index = self.real_tokens[:, None] + torch.arange(q, device=self.device)
@@ -73,11 +75,7 @@ class CompactLayer(DynamicLayer):
             index = self.real_tokens[:, None] + valid_new.cumsum(-1) - 1
             self.new_token_index = index.masked_fill(~valid_new, -1)
             self.real_tokens += valid_new.sum(-1)
-        head_positions = positions[:, None, :].expand(b, h, q)
-        if q == 1 and self.keys.shape[-2] > 0:
-            self._write_into_free_slots(key_states, value_states, head_positions)
-        else:
-            self._append(key_states, value_states, head_positions)
+        self._append(key_states, value_states, positions[:, None, :].expand(b, h, q))
         self.cumulative_length += q
         return self.keys, self.values
 
@@ -128,18 +126,24 @@ class CompactLayer(DynamicLayer):
         q = positions.shape[-1]
         self.new_slots = torch.arange(start, start + q, device=self.device).expand_as(positions)
 
-    def _write_into_free_slots(self, key_states: torch.Tensor, value_states: torch.Tensor, positions) -> None:
-        free = self.positions < 0
-        if not bool(free.any(-1).all()):
+    def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """One real token per row, written into the row's first free slot (the cache grows only when a row is full).
+
+        The hot path of decoding: a handful of small ops and no copy of the cache.
+        """
+        lowest, slots = self.positions.min(dim=-1, keepdim=True)  # a free slot holds -1, the smallest position
+        if int(lowest.max()) >= 0:
             self._grow(DECODE_GROWTH)
-            free = self.positions < 0
-        slots = free.to(torch.uint8).argmax(-1, keepdim=True)  # first free slot of each row, (B, H, 1)
+            lowest, slots = self.positions.min(dim=-1, keepdim=True)
         self.keys.scatter_(2, slots[..., None].expand_as(key_states), key_states)
         self.values.scatter_(2, slots[..., None].expand_as(value_states), value_states)
-        self.positions.scatter_(2, slots, positions)
+        self.positions.scatter_(2, slots, self.cumulative_length)
         if self.pending is not None:
             self.pending.scatter_(2, slots, float("inf"))
         self.new_slots = slots
+        self.new_token_index = self.real_tokens[:, None].clone()
+        self.real_tokens += 1
+        self.cumulative_length += 1
 
     def _grow(self, columns: int) -> None:
         b, h, _, d = self.keys.shape
@@ -160,7 +164,6 @@ class CompactLayer(DynamicLayer):
         if not self.is_initialized:
             return
         self._map_slot_tensors(lambda t: t.index_select(0, index))
-        self.evicted = self.evicted.index_select(0, index)
         self.real_tokens = self.real_tokens.index_select(0, index)
         if self.new_token_index is not None:
             self.new_token_index = self.new_token_index.index_select(0, index)
@@ -173,10 +176,11 @@ class CompactLayer(DynamicLayer):
         self.pending.scatter_(2, self.new_slots, scores.to(torch.float32))
 
     def evict(self, drop: torch.Tensor, compact: bool) -> None:
-        """Evict the entries where `drop` (B, H, L) is True; compact to free memory, or leave free slots to reuse."""
-        drop = drop & (self.positions >= 0)
-        self.evicted += drop.sum(-1)
-        self.positions = self.positions.masked_fill(drop, -1)
+        """Evict the occupied entries where `drop` (B, H, L) is True; compact to free memory, or leave free slots.
+
+        `drop` must only mark occupied slots (policies select among stored entries).
+        """
+        self.positions.masked_fill_(drop, -1)
         if compact:
             self.compact()
 
@@ -198,6 +202,10 @@ class CompactLayer(DynamicLayer):
     def kept(self) -> torch.Tensor:
         """(B, H) number of real entries held."""
         return (self.positions >= 0).sum(-1)
+
+    def evicted(self) -> torch.Tensor:
+        """(B, H) number of real entries evicted so far (padding never counts)."""
+        return self.real_tokens[:, None] - self.kept()
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (keys, values and slot bookkeeping)."""
@@ -238,7 +246,7 @@ class CompactCache(Cache):
             stats.append(
                 LayerStats(
                     kept=layer.kept().cpu(),
-                    evicted=layer.evicted.cpu(),
+                    evicted=layer.evicted().cpu(),
                     logical_length=layer.cumulative_length,
                     physical_length=layer.keys.shape[-2],
                     nbytes=layer.nbytes(),

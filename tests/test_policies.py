@@ -76,7 +76,7 @@ def test_threshold_decisions_are_per_head_and_batch():
     assert kept_positions(layer, 0, 1) == [0, 2]
     assert kept_positions(layer, 1, 0) == [0, 1, 2]
     assert kept_positions(layer, 1, 1) == [2]
-    assert layer.evicted.tolist() == [[1, 1], [0, 2]]
+    assert layer.evicted().tolist() == [[1, 1], [0, 2]]
 
 
 def test_padding_is_never_kept():
@@ -84,7 +84,7 @@ def test_padding_is_never_kept():
     layer = filled_layer(1, 2, 6, valid)
     decide(ThresholdPolicy(-100.0, window=0), layer, torch.zeros(1, 2, 6))
     assert kept_positions(layer) == [2, 3, 4, 5]
-    assert layer.evicted.sum() == 0, "padding does not count as evicted"
+    assert layer.evicted().sum() == 0, "padding does not count as evicted"
 
 
 def test_fixed_ratio_per_head_keeps_top_n_per_head():

@@ -38,12 +38,14 @@ class ThresholdPolicy(Policy):
     def select(self, layer: CompactLayer, scores: torch.Tensor) -> torch.Tensor | None:
         layer.set_pending_scores(scores)
         cutoff = layer.cumulative_length - self.window
-        if cutoff <= 0:
+        if cutoff <= layer.decided_upto:
             return None
-        leaving = (layer.positions >= 0) & (layer.positions < cutoff)  # undecided ones have a finite score
-        drop = leaving & (layer.pending < self.threshold)
-        layer.pending.masked_fill_(leaving, float("inf"))  # decided: never looked at again
-        return drop
+        if cutoff == layer.decided_upto + 1:  # a decode step: exactly one token leaves the window
+            leaving = layer.positions == layer.decided_upto
+        else:
+            leaving = (layer.positions >= layer.decided_upto) & (layer.positions < cutoff)
+        layer.decided_upto = cutoff  # decided once: never looked at again
+        return leaving & (layer.pending < self.threshold)
 
 
 def validate_threshold(value) -> float:
