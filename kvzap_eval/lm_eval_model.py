@@ -115,6 +115,18 @@ class KVzapHFLM(HFLM):
         self._question_tokens: dict[tuple[int, ...], tuple[int, str | None, str]] = {}
         self._records: list[dict] = []  # one per request row: task and achieved compression ratio
         self._kv_bytes = [0, 0]  # bytes held, bytes of a full cache, summed over batches
+        self._latency: dict[str, dict[int, list[float]]] = {}
+        self.reset_stats()
+
+    def set_method(self, config: MethodConfig) -> None:
+        """Switch the compression method between runs (the model stays loaded) and reset the statistics."""
+        self.method_config = config
+        self.method = build_method(self.model, config)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._records = []
+        self._kv_bytes = [0, 0]
         self._latency = {"prefill": defaultdict(list), "decode": defaultdict(list)}
 
     # --- generation --------------------------------------------------------------------------------------------

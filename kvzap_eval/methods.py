@@ -6,6 +6,7 @@
 | `kvzap_adakv` | KVzap surrogate        | fixed ratio per layer (AdaKV), prefill   |
 | `random`      | uniform random         | fixed ratio per head, prefill            |
 | `streaming`   | sinks + recency        | fixed ratio per head, prefill            |
+| `snapkv`      | SnapKV window attention| fixed ratio per head, prefill            |
 | `full`        | none                   | none (the compact cache holds everything)|
 """
 
@@ -19,10 +20,10 @@ from .backends import BACKENDS, make_backend
 from .errors import ConfigError
 from .model_info import num_kv_heads, placement
 from .policies import FixedRatioPolicy, Policy, ThresholdPolicy, validate_ratio, validate_threshold
-from .scorers import KVzapScorer, RandomScorer, Scorer, StreamingScorer
+from .scorers import KVzapScorer, RandomScorer, Scorer, SnapKVScorer, StreamingScorer
 
-METHODS = ("kvzap", "kvzap_adakv", "full", "random", "streaming")
-FIXED_RATIO_METHODS = ("kvzap_adakv", "random", "streaming")
+METHODS = ("kvzap", "kvzap_adakv", "full", "random", "streaming", "snapkv")
+FIXED_RATIO_METHODS = ("kvzap_adakv", "random", "streaming", "snapkv")
 #: Threshold used when neither the user nor the surrogate's training report gives one (the paper's Qwen3 value).
 DEFAULT_THRESHOLD = -4.0
 
@@ -81,6 +82,8 @@ def build_method(model: torch.nn.Module, config: MethodConfig | None = None, **s
         return Method(config, RandomScorer(heads, config.seed), FixedRatioPolicy(config.compression_ratio))
     if name == "streaming":
         return Method(config, StreamingScorer(heads, config.n_sink), FixedRatioPolicy(config.compression_ratio))
+    if name == "snapkv":
+        return Method(config, SnapKVScorer(), FixedRatioPolicy(config.compression_ratio))
     surrogate = _load_checked_surrogate(model, config)
     backend = make_backend(config.backend, surrogate, placement(model), config.backend_dir, config.backend_threads)
     scorer = KVzapScorer(backend)

@@ -23,6 +23,7 @@ from .cache import CompactCache
 from .errors import KVzapError
 from .methods import Method
 from .model_info import attention_modules, check_supported
+from .scorers import LayerCall
 from .stats import CompressionStats
 
 
@@ -117,7 +118,8 @@ class KVzapSession:
         layer_idx = module.layer_idx
         layer = cache.layers[layer_idx]
         start = time.perf_counter()
-        scores = self.method.scorer(layer_idx, hidden_states, layer.new_token_index)
+        call = LayerCall(layer_idx, hidden_states, layer.new_token_index, module, kwargs, layer)
+        scores = self.method.scorer.score(call)
         self.timer.add("prefill" if q > 1 else "decode", layer_idx, time.perf_counter() - start)
         drop = policy.select(layer, scores)
         if drop is not None:

@@ -6,15 +6,37 @@ positions. KVzap runs its surrogate through a scorer backend; the baselines need
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .backends import ScorerBackend
+from .cache import CompactLayer
+
+
+@dataclass
+class LayerCall:
+    """What one decoder layer's attention just processed: everything a scorer may look at."""
+
+    layer_idx: int
+    hidden_states: torch.Tensor  # (B, q, D), post input_layernorm
+    token_index: torch.Tensor  # (B, q) index of each new token among its row's real tokens, -1 = padding
+    module: torch.nn.Module  # the layer's self_attn
+    kwargs: dict  # self_attn's keyword arguments (position_embeddings, ...)
+    layer: CompactLayer  # the layer's cache, new tokens included, nothing evicted yet
 
 
 class Scorer:
-    """(layer index, hidden states (B, T, D), positions (B, T); -1 = padding) -> scores (B, H_kv, T)."""
+    """Scores of the new tokens, (B, H_kv, q), higher = keep.
+
+    Most scorers need only (layer index, hidden states, token index) and implement `__call__`; scorers that need
+    the attention module or the cache (SnapKV) override `score`.
+    """
+
+    def score(self, call: LayerCall) -> torch.Tensor:
+        return self(call.layer_idx, call.hidden_states, call.token_index)
 
     def __call__(self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(type(self).__name__)
@@ -58,3 +80,41 @@ class StreamingScorer(Scorer):
         scores = scores.masked_fill((positions >= 0) & (positions < self.n_sink), float("inf"))
         b, t = positions.shape
         return scores[:, None, :].expand(b, self.num_kv_heads, t)
+
+
+@dataclass
+class SnapKVScorer(Scorer):
+    """SnapKV (arXiv 2404.14469, kvpress `SnapKVPress`): attention that the last `window_size` prompt tokens pay to
+    each earlier token, averaged over those queries and the query heads of the KV group, smoothed by an average pool
+    of `kernel_size`; the observation window itself scores highest. Prefill forwards only."""
+
+    window_size: int = 64
+    kernel_size: int = 5
+
+    def score(self, call: LayerCall) -> torch.Tensor:
+        module, hidden = call.module, call.hidden_states
+        b, q, _ = hidden.shape
+        window = min(self.window_size, q - 1)
+        keys = call.layer.keys[:, :, -q:]  # the new tokens were appended at the end, RoPE applied
+        n_kv, head_dim = keys.shape[1], keys.shape[-1]
+        n_rep = module.config.num_attention_heads // n_kv
+        queries = module.q_proj(hidden[:, -window:]).view(b, window, -1, head_dim)
+        if getattr(module, "q_norm", None) is not None:
+            queries = module.q_norm(queries)
+        cos, sin = (t[:, -window:] for t in call.kwargs["position_embeddings"])
+        queries = queries.transpose(1, 2)
+        queries = queries * cos[:, None] + _rotate_half(queries) * sin[:, None]
+        queries = queries.reshape(b, n_kv, n_rep * window, head_dim)  # query heads of a group folded together
+        logits = queries @ keys.transpose(-1, -2) / math.sqrt(head_dim)  # (B, H_kv, n_rep * window, q)
+        causal = torch.ones(window, q, dtype=torch.bool, device=hidden.device).tril_(q - window)
+        valid = causal[None, None].repeat(1, 1, n_rep, 1) & (call.token_index >= 0)[:, None, None, :]
+        probs = torch.softmax(logits.float().masked_fill(~valid, float("-inf")), dim=-1)
+        scores = probs.nan_to_num(0.0).mean(dim=2)  # (B, H_kv, q)
+        scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
+        scores[..., -window:] = scores.amax() + 1.0
+        return scores
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,121 @@
+"""`kvzap-eval report`: accuracy vs compression from a sweep table, as markdown and PNG plots.
+
+One curve per method, per task and averaged over tasks (per context length), plus a summary table of every method
+at each KVzap threshold. Plots need matplotlib (`pip install 'kvzap-eval[report]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import require
+from .sweep import read_table
+
+Row = dict
+
+
+def _label(row: Row) -> str:
+    tau = row.get("threshold") if row.get("threshold") is not None else row.get("matched_threshold")
+    return "full" if row["method"] == "full" else f"tau={tau}"
+
+
+def averaged(rows: list[Row]) -> list[Row]:
+    """Mean accuracy and compression over tasks, per (method, setting, length), for settings present on all tasks."""
+    tasks = {r["task"] for r in rows}
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r.get("threshold"), r.get("matched_threshold"), r["length"])].append(r)
+    out = []
+    for (method, threshold, matched, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if {m["task"] for m in members} != tasks:
+            continue
+        out.append({
+            "method": method, "threshold": threshold, "matched_threshold": matched, "length": length, "task": "average",
+            "accuracy": sum(m["accuracy"] for m in members) / len(members),
+            "compression_ratio": sum(m["compression_ratio"] for m in members) / len(members),
+            "n": sum(m["n"] for m in members),
+        })
+    return out
+
+
+def markdown(rows: list[Row], command: str) -> str:
+    """The report's text: the command, then one table per context length (methods x settings, averaged)."""
+    lines = ["# Accuracy vs compression", "", f"Produced by: `{command}`", ""]
+    average = averaged(rows)
+    for length in sorted({r["length"] for r in rows}):
+        lines += [f"## Context length {length} (average over {len({r['task'] for r in rows})} tasks)", "",
+                  "| method | setting | compression ratio | accuracy | n |", "|---|---|---|---|---|"]
+        for r in sorted((r for r in average if r["length"] == length), key=lambda r: (r["method"], _label(r))):
+            lines.append(f"| {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} | {100 * r['accuracy']:.1f} "
+                         f"| {r['n']} |")
+        lines.append("")
+    lines += ["## Per task", "", "| task | length | method | setting | compression ratio | accuracy | n |",
+              "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], _label(r))):
+        lines.append(f"| {r['task']} | {r['length']} | {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} "
+                     f"| {100 * r['accuracy']:.1f} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Accuracy (%) vs compression ratio, one curve per method (full cache as a horizontal line)."""
+    matplotlib = require("matplotlib", "report")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    by_method: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_method[r["method"]].append(r)
+    for method, members in sorted(by_method.items()):
+        members.sort(key=lambda r: r["compression_ratio"])
+        xs = [r["compression_ratio"] for r in members]
+        ys = [100 * r["accuracy"] for r in members]
+        if method == "full":
+            axis.axhline(ys[0], color="black", linestyle="--", label="full cache")
+        else:
+            axis.plot(xs, ys, marker="o", label=method)
+    axis.set_xlabel("compression ratio (fraction of KV entries evicted)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(title)
+    axis.set_ylim(-2, 102)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(table: Path, out_dir: Path, command: str) -> Path:
+    """Write `README.md` and PNG plots for `table` into `out_dir`; returns the markdown path."""
+    rows = read_table(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, command)
+    images = []
+    for length in sorted({r["length"] for r in rows}):
+        name = f"average_{length}.png"
+        plot([r for r in averaged(rows) if r["length"] == length], out_dir / name, f"average over tasks, {length} tokens")
+        images.append(name)
+        for task in sorted({r["task"] for r in rows}):
+            name = f"{task}_{length}.png"
+            plot([r for r in rows if r["task"] == task and r["length"] == length], out_dir / name, f"{task}, {length}")
+            images.append(name)
+    text += "\n## Plots\n\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n"
+    path = out_dir / "README.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(prog="kvzap-eval report", description=__doc__.splitlines()[0])
+    parser.add_argument("table", type=Path, help="JSONL table written by `kvzap-eval sweep`")
+    parser.add_argument("--out", type=Path, default=Path("reports/accuracy"))
+    args = parser.parse_args(argv)
+    command = "kvzap-eval report " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
+    print(write_report(args.table, args.out, command))
+    return 0

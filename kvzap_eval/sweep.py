@@ -1,0 +1,211 @@
+"""`kvzap-eval sweep`: methods x settings x tasks x context lengths through lm-eval, one row per run in a JSONL table.
+
+The model is loaded once; each run switches the method and evaluates one (task, length). KVzap runs first, so the
+fixed-ratio methods can be run at the ratio KVzap achieved on the same (task, length): every comparison is at
+equal compression. Rows are appended and fsync'ed one by one; a rerun skips the rows already in the table, so an
+interrupted sweep loses nothing it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import ConfigError
+from .methods import DEFAULT_THRESHOLD, FIXED_RATIO_METHODS, MethodConfig
+
+#: Sweep method names -> MethodConfig settings. Threshold methods take taus, the others KVzap's achieved ratios.
+SWEEP_METHODS = {
+    "full": {"method": "full"},
+    "kvzap_mlp": {"method": "kvzap", "model_type": "mlp"},
+    "kvzap_linear": {"method": "kvzap", "model_type": "linear"},
+    "kvzap_adakv": {"method": "kvzap_adakv", "model_type": "mlp"},
+    "random": {"method": "random"},
+    "streaming": {"method": "streaming"},
+    "snapkv": {"method": "snapkv"},
+    "kvzip_plus": {"method": "kvzip_plus"},
+}
+THRESHOLD_METHODS = ("kvzap_mlp", "kvzap_linear")
+REFERENCE = "kvzap_mlp"  # the method whose achieved ratios the fixed-ratio methods are matched to
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluation: a method at one setting on one task at one context length."""
+
+    method: str
+    task: str
+    length: int
+    threshold: float | None = None
+    matched_threshold: float | None = None  # fixed-ratio methods: the KVzap tau whose achieved ratio they use
+
+    @property
+    def key(self) -> str:
+        setting = self.threshold if self.threshold is not None else self.matched_threshold
+        return f"{self.method}|{setting}|{self.task}|{self.length}"
+
+
+@dataclass
+class SweepConfig:
+    output: Path
+    tasks: list[str]
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    methods: list[str] = field(default_factory=lambda: ["full", "kvzap_mlp", "random", "streaming"])
+    thresholds: list[float] = field(default_factory=lambda: [DEFAULT_THRESHOLD])
+    limit: int | None = None
+    include_path: str = "tasks"
+    pretrained: str | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    apply_chat_template: bool = True
+    model_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SWEEP_METHODS]
+        if unknown:
+            raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
+        if any(SWEEP_METHODS[m]["method"] in FIXED_RATIO_METHODS for m in self.methods) and REFERENCE not in self.methods:
+            raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
+
+
+def plan(config: SweepConfig) -> list[Run]:
+    """All runs, threshold methods first (fixed-ratio runs need their achieved ratios)."""
+    runs = []
+    for task in config.tasks:
+        for length in config.lengths:
+            for method in config.methods:
+                if method in THRESHOLD_METHODS:
+                    runs += [Run(method, task, length, threshold=t) for t in config.thresholds]
+                elif method == "full":
+                    runs.append(Run(method, task, length))
+    for task in config.tasks:
+        for length in config.lengths:
+            for method in config.methods:
+                if SWEEP_METHODS[method]["method"] in FIXED_RATIO_METHODS or method in ("snapkv", "kvzip_plus"):
+                    runs += [Run(method, task, length, matched_threshold=t) for t in config.thresholds]
+    return runs
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a JSONL table; a torn last line (an interrupted write) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row durably (flush + fsync) so that an interrupt never loses a finished run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def accuracy_of(task_results: dict, length: int) -> float:
+    """The task's accuracy at `length`: the per-length RULER-style metric, else the first non-stat metric."""
+    for key, value in task_results.items():
+        if key.split(",")[0] == str(length) and isinstance(value, (int, float)):
+            return float(value)
+    for key, value in task_results.items():
+        name = key.split(",")[0]
+        if isinstance(value, (int, float)) and "stderr" not in name and name not in ("kv_compression", "sample_len"):
+            return float(value)
+    raise ConfigError(f"no accuracy metric in the results of this run: {sorted(task_results)}")
+
+
+def method_config(run: Run, done: dict[str, dict], model_args: dict) -> MethodConfig:
+    settings = {**model_args, **SWEEP_METHODS[run.method]}
+    if run.threshold is not None:
+        settings["threshold"] = run.threshold
+    if run.matched_threshold is not None:
+        reference = done.get(Run(REFERENCE, run.task, run.length, threshold=run.matched_threshold).key)
+        if reference is None:
+            raise ConfigError(f"run {run.key} needs the {REFERENCE} run at tau={run.matched_threshold} first")
+        if settings["method"] in FIXED_RATIO_METHODS or settings["method"] in ("snapkv", "kvzip_plus"):
+            settings["compression_ratio"] = min(0.999, reference["compression_ratio"])
+    return MethodConfig(**settings)
+
+
+def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[dict]:
+    """Evaluate every run not already in `config.output`; returns the whole table."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .embedded import resolve_pretrained
+    from .lm_eval_model import KVzapHFLM
+
+    runs = list(plan(config) if runs is None else runs)
+    done = {row["key"]: row for row in read_table(config.output)}
+    todo = [run for run in runs if run.key not in done]
+    if not todo:
+        return list(done.values())
+    pretrained = resolve_pretrained(config.pretrained)
+    lm = KVzapHFLM(pretrained=pretrained, method="full", device=config.device, batch_size=config.batch_size,
+                   dtype="float32")
+    for run in tqdm(todo, desc="sweep", unit="run"):
+        lm.set_method(method_config(run, done, config.model_args))
+        manager = TaskManager(
+            include_path=config.include_path,
+            include_defaults=False,
+            metadata={"max_seq_lengths": [run.length], "pretrained": pretrained},
+        )
+        start = time.perf_counter()
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[run.task], task_manager=manager, limit=config.limit, bootstrap_iters=0,
+            apply_chat_template=config.apply_chat_template, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
+        info = lm.get_model_info()["kvzap"]
+        row = {
+            **asdict(run),
+            "key": run.key,
+            "accuracy": accuracy_of(results["results"][run.task], run.length),
+            "n": int(results["n-samples"][run.task]["effective"]),
+            "compression_ratio": info["achieved_compression_ratio"] or 0.0,
+            "kv_bytes_fraction": info["kv_bytes_fraction"],
+            "setting_ratio": lm.method_config.compression_ratio,
+            "seconds": time.perf_counter() - start,
+            "pretrained": pretrained,
+        }
+        append_row(config.output, row)
+        done[run.key] = row
+    return list(done.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvzap-eval sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, type=Path, help="JSONL results table (appended, resumable)")
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--methods", nargs="+", default=["full", "kvzap_mlp", "random", "streaming"],
+                        choices=list(SWEEP_METHODS))
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[DEFAULT_THRESHOLD])
+    parser.add_argument("--limit", type=int, default=None, help="samples per task and length")
+    parser.add_argument("--include-path", default="tasks")
+    parser.add_argument("--pretrained", default=None, help="model (default: the embedded SmolLM2)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-chat-template", action="store_true")
+    args = parser.parse_args(argv)
+    config = SweepConfig(
+        output=args.output, tasks=args.tasks, lengths=args.lengths, methods=args.methods, thresholds=args.thresholds,
+        limit=args.limit, include_path=args.include_path, pretrained=args.pretrained, batch_size=args.batch_size,
+        device=args.device, apply_chat_template=not args.no_chat_template,
+    )
+    rows = run_sweep(config)
+    print(f"{len(rows)} rows in {config.output}")
+    return 0
