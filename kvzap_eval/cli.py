@@ -11,7 +11,15 @@ import sys
 
 from .errors import KVzapError
 
-SUBCOMMANDS = {"demo": "kvzap_eval.demo", "bench": "kvzap_eval.bench"}
+SUBCOMMANDS = {
+    "demo": "kvzap_eval.demo",
+    "bench": "kvzap_eval.bench",
+    "latency": "kvzap_eval.latency",
+    "sweep": "kvzap_eval.sweep",
+    "report": "kvzap_eval.report",
+    "gate": "kvzap_eval.gate",
+    "train": "kvzap_eval.train",
+}
 
 
 def run_lm_eval(argv: list[str]) -> int:

@@ -1,0 +1,86 @@
+"""Sweep (resumable, matched ratios), report and gate on a tiny local model and tiny tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from kvzap_eval import sweep  # noqa: E402
+from kvzap_eval.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
+from kvzap_eval.sweep import Run, SweepConfig, append_row, plan, read_table, run_sweep  # noqa: E402
+
+from .test_lm_eval_model import TASKS, tiny  # noqa: E402,F401  (the tiny model fixture)
+
+
+def config_for(tiny, output: Path, **overrides) -> SweepConfig:  # noqa: F811
+    settings = dict(
+        output=output, tasks=["kvzap_tiny_generation"], lengths=[1024], methods=["full", "kvzap_mlp", "random"],
+        thresholds=[0.0], limit=3, include_path=TASKS, pretrained=tiny["model"],
+        model_args={"surrogate": tiny["surrogate"], "window": 8}, apply_chat_template=False,
+    )
+    settings.update(overrides)
+    return SweepConfig(**settings)
+
+
+def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):  # noqa: F811
+    runs = plan(config_for(tiny, tmp_path / "t.jsonl", thresholds=[0.0, 1.0]))
+    methods = [r.method for r in runs]
+    assert methods.index("random") > max(i for i, m in enumerate(methods) if m == "kvzap_mlp")
+    assert {r.matched_threshold for r in runs if r.method == "random"} == {0.0, 1.0}
+
+
+def test_sweep_matches_ratios_and_resumes_without_duplicates(tiny, tmp_path, monkeypatch):  # noqa: F811
+    config = config_for(tiny, tmp_path / "table.jsonl")
+    rows = {r["method"]: r for r in run_sweep(config)}
+    assert set(rows) == {"full", "kvzap_mlp", "random"}
+    assert rows["full"]["compression_ratio"] == 0.0
+    kvzap_ratio = rows["kvzap_mlp"]["compression_ratio"]
+    assert 0.0 < kvzap_ratio < 1.0
+    assert rows["random"]["setting_ratio"] == pytest.approx(kvzap_ratio)
+    assert rows["random"]["compression_ratio"] == pytest.approx(kvzap_ratio, abs=0.1)
+
+    # an interrupted write leaves a torn line; a rerun ignores it and evaluates nothing again
+    with open(config.output, "a") as handle:
+        handle.write('{"key": "torn')
+    monkeypatch.setattr(sweep, "plan", lambda c: pytest.fail("nothing should be planned"), raising=True)
+    again = run_sweep(config, runs=[Run("full", "kvzap_tiny_generation", 1024)])
+    assert len(again) == 3
+    assert len(read_table(config.output)) == 3
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvzap_eval.report import write_report
+
+    table = tmp_path / "t.jsonl"
+    for method, ratio, acc in [("full", 0.0, 0.9), ("kvzap_mlp", 0.6, 0.85), ("random", 0.6, 0.2)]:
+        for task in ("a", "b"):
+            append_row(table, {"method": method, "task": task, "length": 1024, "threshold": -4.0 if method == "kvzap_mlp" else None,
+                               "matched_threshold": -4.0 if method == "random" else None, "accuracy": acc,
+                               "compression_ratio": ratio, "n": 10, "key": f"{method}{task}"})
+    path = write_report(table, tmp_path / "report", "kvzap-eval report t.jsonl")
+    text = path.read_text()
+    assert "| kvzap_mlp | tau=-4.0 | 0.600 | 85.0 | 20 |" in text
+    assert (tmp_path / "report" / "average_1024.png").stat().st_size > 1000
+
+
+def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):  # noqa: F811
+    baseline = Baseline(tasks=["kvzap_tiny_generation"], length=1024, limit=3, threshold=0.0, pretrained=tiny["model"],
+                        surrogate=tiny["surrogate"], include_path=TASKS)
+    first = measure(baseline, latency=False)
+    baseline.accuracy, baseline.compression_ratio = first.accuracy, first.compression_ratio
+    assert compare(baseline, measure(baseline, latency=False)) == []
+    worse = measure(baseline, threshold=3.0, latency=False)
+    failures = compare(baseline, worse)
+    assert any("compression ratio" in line for line in failures)
+
+
+def test_gate_flags_accuracy_and_latency_regressions():
+    baseline = Baseline(tasks=["t"], length=1024, limit=10, threshold=-4.0, accuracy={"t": 0.8},
+                        compression_ratio={"t": 0.6}, latency_ratio=0.2, tolerances=Tolerances())
+    assert compare(baseline, Measurement({"t": 0.7}, {"t": 0.61}, 0.25)) == []
+    failures = compare(baseline, Measurement({"t": 0.6}, {"t": 0.6}, 0.4))
+    assert len(failures) == 2 and "accuracy" in failures[0] and "latency" in failures[1]
