@@ -33,7 +33,7 @@ def bench_scorer(threads: int, min_run_time: float = 1.0) -> list[dict]:
         module = surrogate.layers[0]
         hidden = torch.randn(1, 1, dim)
 
-        def kvpress_style():
+        def kvpress_style(module=module, hidden=hidden):
             return module.to(hidden.device, hidden.dtype)(hidden).transpose(1, 2)
 
         timers = {
@@ -46,8 +46,14 @@ def bench_scorer(threads: int, min_run_time: float = 1.0) -> list[dict]:
                 for name, timer in timers.items():
                     medians[name].append(timer.blocked_autorange(min_run_time=min_run_time / 3).median)
         us = {name: 1e6 * statistics.median(values) for name, values in medians.items()}
-        rows.append({"shape": label, "threads": threads, **{f"{k}_us": v for k, v in us.items()},
-                     "ratio": us["ours"] / us["kvpress_style"]})
+        rows.append(
+            {
+                "shape": label,
+                "threads": threads,
+                **{f"{k}_us": v for k, v in us.items()},
+                "ratio": us["ours"] / us["kvpress_style"],
+            }
+        )
     return rows
 
 
@@ -108,17 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     print("(a) decode scorer call [1,1,D], MLP surrogate, median us per call")
     print("| shape | threads | kvpress-style | ours | ours / kvpress |\n|---|---|---|---|---|")
     for row in results["scorer"]:
-        print(f"| {row['shape']} | {row['threads']} | {row['kvpress_style_us']:.1f} | {row['ours_us']:.1f} "
-              f"| {row['ratio']:.2f}x |")
+        print(
+            f"| {row['shape']} | {row['threads']} | {row['kvpress_style_us']:.1f} | {row['ours_us']:.1f} "
+            f"| {row['ratio']:.2f}x |"
+        )
     if not args.skip_generate:
         torch.set_num_threads(max(args.threads))
         gen = results["generate"] = bench_generate(args.context_tokens, args.new_tokens, args.repeats, args.threshold)
-        print(f"\n(b) generate {gen['new_tokens']} tokens after {gen['prompt_tokens']} prompt tokens, SmolLM2, "
-              f"tau={gen['threshold']}: full {gen['full_s']:.2f} s, KVzap {gen['kvzap_s']:.2f} s "
-              f"-> {gen['time_ratio']:.3f}x")
-        print(f"(c) after prefill: compression ratio {gen['prefill_compression_ratio']:.3f}, KV bytes held / full "
-              f"{gen['prefill_kv_bytes_fraction']:.3f} (with slot bookkeeping {gen['prefill_all_bytes_fraction']:.3f}); "
-              f"target <= {gen['target_bytes_fraction']:.3f}")
+        print(
+            f"\n(b) generate {gen['new_tokens']} tokens after {gen['prompt_tokens']} prompt tokens, SmolLM2, "
+            f"tau={gen['threshold']}: full {gen['full_s']:.2f} s, KVzap {gen['kvzap_s']:.2f} s "
+            f"-> {gen['time_ratio']:.3f}x"
+        )
+        print(
+            f"(c) after prefill: compression ratio {gen['prefill_compression_ratio']:.3f}, KV bytes held / full "
+            f"{gen['prefill_kv_bytes_fraction']:.3f} (with slot bookkeeping {gen['prefill_all_bytes_fraction']:.3f}); "
+            f"target <= {gen['target_bytes_fraction']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

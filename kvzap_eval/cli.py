@@ -1,7 +1,7 @@
 """The `kvzap-eval` command: our subcommands, and otherwise lm-eval's own CLI with `kvzap_hf` registered.
 
-    kvzap-eval demo ...                                   # a KVzap generation demo
-    kvzap-eval --model kvzap_hf --model_args threshold=-5 --tasks ...   # exactly lm_eval's arguments
+kvzap-eval demo ...                                   # a KVzap generation demo
+kvzap-eval --model kvzap_hf --model_args threshold=-5 --tasks ...   # exactly lm_eval's arguments
 """
 
 from __future__ import annotations

@@ -47,8 +47,10 @@ class Baseline:
     @classmethod
     def load(cls, path: Path) -> Baseline:
         if not path.is_file():
-            raise ConfigError(f"baseline {path} does not exist: create it with `kvzap-eval gate --baseline {path} "
-                              "--update --tasks ...`")
+            raise ConfigError(
+                f"baseline {path} does not exist: create it with `kvzap-eval gate --baseline {path} "
+                "--update --tasks ...`"
+            )
         data = json.loads(path.read_text())
         data["tolerances"] = Tolerances(**data.get("tolerances", {}))
         return cls(**data)
@@ -74,8 +76,13 @@ def measure(baseline: Baseline, threshold: float | None = None, latency: bool = 
     tau = baseline.threshold if threshold is None else threshold
     with tempfile.TemporaryDirectory() as tmp:
         config = SweepConfig(
-            output=Path(tmp) / "gate.jsonl", tasks=baseline.tasks, lengths=[baseline.length], methods=["kvzap_mlp"],
-            thresholds=[tau], limit=baseline.limit, include_path=baseline.include_path,
+            output=Path(tmp) / "gate.jsonl",
+            tasks=baseline.tasks,
+            lengths=[baseline.length],
+            methods=["kvzap_mlp"],
+            thresholds=[tau],
+            limit=baseline.limit,
+            include_path=baseline.include_path,
             pretrained=baseline.pretrained,
             model_args={"surrogate": baseline.surrogate} if baseline.surrogate else {},
         )
@@ -106,13 +113,17 @@ def compare(baseline: Baseline, measured: Measurement) -> list[str]:
             failures.append(f"{task}: accuracy {now:.3f} < baseline {before:.3f} - {tol.accuracy_drop}")
         before, now = baseline.compression_ratio[task], measured.compression_ratio[task]
         if abs(now - before) > tol.compression_shift + 1e-9:
-            failures.append(f"{task}: compression ratio {now:.3f} moved from baseline {before:.3f} "
-                            f"by more than {tol.compression_shift}")
+            failures.append(
+                f"{task}: compression ratio {now:.3f} moved from baseline {before:.3f} "
+                f"by more than {tol.compression_shift}"
+            )
     if baseline.latency_ratio is not None and measured.latency_ratio is not None:
         limit = baseline.latency_ratio * (1 + tol.latency_slack)
         if measured.latency_ratio > limit:
-            failures.append(f"decode scorer latency ratio {measured.latency_ratio:.3f} > baseline "
-                            f"{baseline.latency_ratio:.3f} x {1 + tol.latency_slack}")
+            failures.append(
+                f"decode scorer latency ratio {measured.latency_ratio:.3f} > baseline "
+                f"{baseline.latency_ratio:.3f} x {1 + tol.latency_slack}"
+            )
     return failures
 
 
@@ -134,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.threshold is not None:
                 baseline.threshold = args.threshold
         elif args.tasks and args.threshold is not None:
-            baseline = Baseline(tasks=args.tasks, length=args.length, limit=args.limit, threshold=args.threshold,
-                                include_path=args.include_path)
+            baseline = Baseline(
+                tasks=args.tasks,
+                length=args.length,
+                limit=args.limit,
+                threshold=args.threshold,
+                include_path=args.include_path,
+            )
         else:
             raise ConfigError("a new baseline needs --tasks and --threshold")
         measured = measure(baseline, latency=not args.no_latency)

@@ -164,7 +164,9 @@ class KVzapHFLM(HFLM):
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(context)
-        rows = [self._question_tokens.get(tuple(ids[m.bool()].tolist()), (0, None, None)) for ids, m in zip(context, mask)]
+        rows = [
+            self._question_tokens.get(tuple(ids[m.bool()].tolist()), (0, None, None)) for ids, m in zip(context, mask)
+        ]
         batch = self._prepare(context, mask, [n for n, _, _ in rows])
         budget = max_length - context.shape[1]
         with compress(self.model, self.method) as session:
@@ -242,12 +244,24 @@ class KVzapHFLM(HFLM):
         with compress(self.model, self.method) as session, torch.no_grad():
             cache = session.new_cache()
             kwarg = {session.cache_kwarg: cache}
-            first = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions[:, : ctx_ids.shape[1]], use_cache=True, **kwarg).logits[:, -1:]
+            first = self.model(
+                input_ids=ctx_ids,
+                attention_mask=ctx_mask,
+                position_ids=positions[:, : ctx_ids.shape[1]],
+                use_cache=True,
+                **kwarg,
+            ).logits[:, -1:]
             logits = [first]
             if cont_ids.shape[1] > 0:
                 pause = session.pause() if self.method_config.method in FIXED_RATIO_METHODS else nullcontext()
                 with pause:
-                    rest = self.model(input_ids=cont_ids, attention_mask=mask, position_ids=positions[:, ctx_ids.shape[1] :], use_cache=True, **kwarg)
+                    rest = self.model(
+                        input_ids=cont_ids,
+                        attention_mask=mask,
+                        position_ids=positions[:, ctx_ids.shape[1] :],
+                        use_cache=True,
+                        **kwarg,
+                    )
                 logits.append(rest.logits)
             tasks = getattr(self, "_request_tasks", {})
             self._record(session, [(None, tasks.get(tuple(pair) if pair else None)) for pair, _, _ in batch])
@@ -318,4 +332,3 @@ def _pad(sequences: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch
         ids[row, span] = seq
         mask[row, span] = 1
     return ids, mask
-

@@ -31,12 +31,18 @@ def averaged(rows: list[Row]) -> list[Row]:
     for (method, threshold, matched, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if {m["task"] for m in members} != tasks:
             continue
-        out.append({
-            "method": method, "threshold": threshold, "matched_threshold": matched, "length": length, "task": "average",
-            "accuracy": sum(m["accuracy"] for m in members) / len(members),
-            "compression_ratio": sum(m["compression_ratio"] for m in members) / len(members),
-            "n": sum(m["n"] for m in members),
-        })
+        out.append(
+            {
+                "method": method,
+                "threshold": threshold,
+                "matched_threshold": matched,
+                "length": length,
+                "task": "average",
+                "accuracy": sum(m["accuracy"] for m in members) / len(members),
+                "compression_ratio": sum(m["compression_ratio"] for m in members) / len(members),
+                "n": sum(m["n"] for m in members),
+            }
+        )
     return out
 
 
@@ -45,17 +51,28 @@ def markdown(rows: list[Row], command: str) -> str:
     lines = ["# Accuracy vs compression", "", f"Produced by: `{command}`", ""]
     average = averaged(rows)
     for length in sorted({r["length"] for r in rows}):
-        lines += [f"## Context length {length} (average over {len({r['task'] for r in rows})} tasks)", "",
-                  "| method | setting | compression ratio | accuracy | n |", "|---|---|---|---|---|"]
+        lines += [
+            f"## Context length {length} (average over {len({r['task'] for r in rows})} tasks)",
+            "",
+            "| method | setting | compression ratio | accuracy | n |",
+            "|---|---|---|---|---|",
+        ]
         for r in sorted((r for r in average if r["length"] == length), key=lambda r: (r["method"], _label(r))):
-            lines.append(f"| {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} | {100 * r['accuracy']:.1f} "
-                         f"| {r['n']} |")
+            lines.append(
+                f"| {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} | {100 * r['accuracy']:.1f} | {r['n']} |"
+            )
         lines.append("")
-    lines += ["## Per task", "", "| task | length | method | setting | compression ratio | accuracy | n |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Per task",
+        "",
+        "| task | length | method | setting | compression ratio | accuracy | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], _label(r))):
-        lines.append(f"| {r['task']} | {r['length']} | {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} "
-                     f"| {100 * r['accuracy']:.1f} | {r['n']} |")
+        lines.append(
+            f"| {r['task']} | {r['length']} | {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} "
+            f"| {100 * r['accuracy']:.1f} | {r['n']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +113,9 @@ def write_report(table: Path, out_dir: Path, command: str) -> Path:
     images = []
     for length in sorted({r["length"] for r in rows}):
         name = f"average_{length}.png"
-        plot([r for r in averaged(rows) if r["length"] == length], out_dir / name, f"average over tasks, {length} tokens")
+        plot(
+            [r for r in averaged(rows) if r["length"] == length], out_dir / name, f"average over tasks, {length} tokens"
+        )
         images.append(name)
         for task in sorted({r["task"] for r in rows}):
             name = f"{task}_{length}.png"

@@ -71,7 +71,10 @@ class SweepConfig:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
         if unknown:
             raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
-        if any(SWEEP_METHODS[m]["method"] in FIXED_RATIO_METHODS for m in self.methods) and REFERENCE not in self.methods:
+        if (
+            any(SWEEP_METHODS[m]["method"] in FIXED_RATIO_METHODS for m in self.methods)
+            and REFERENCE not in self.methods
+        ):
             raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
 
 
@@ -154,8 +157,9 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
     if not todo:
         return list(done.values())
     pretrained = resolve_pretrained(config.pretrained)
-    lm = KVzapHFLM(pretrained=pretrained, method="full", device=config.device, batch_size=config.batch_size,
-                   dtype="float32")
+    lm = KVzapHFLM(
+        pretrained=pretrained, method="full", device=config.device, batch_size=config.batch_size, dtype="float32"
+    )
     for run in tqdm(todo, desc="sweep", unit="run"):
         lm.set_method(method_config(run, done, config.model_args))
         manager = TaskManager(
@@ -165,8 +169,15 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
         )
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[run.task], task_manager=manager, limit=config.limit, bootstrap_iters=0,
-            apply_chat_template=config.apply_chat_template, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+            model=lm,
+            tasks=[run.task],
+            task_manager=manager,
+            limit=config.limit,
+            bootstrap_iters=0,
+            apply_chat_template=config.apply_chat_template,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
             fewshot_random_seed=0,
         )
         info = lm.get_model_info()["kvzap"]
@@ -191,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="JSONL results table (appended, resumable)")
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048])
-    parser.add_argument("--methods", nargs="+", default=["full", "kvzap_mlp", "random", "streaming"],
-                        choices=list(SWEEP_METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["full", "kvzap_mlp", "random", "streaming"], choices=list(SWEEP_METHODS)
+    )
     parser.add_argument("--thresholds", nargs="+", type=float, default=[DEFAULT_THRESHOLD])
     parser.add_argument("--limit", type=int, default=None, help="samples per task and length")
     parser.add_argument("--include-path", default="tasks")
@@ -202,9 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chat-template", action="store_true")
     args = parser.parse_args(argv)
     config = SweepConfig(
-        output=args.output, tasks=args.tasks, lengths=args.lengths, methods=args.methods, thresholds=args.thresholds,
-        limit=args.limit, include_path=args.include_path, pretrained=args.pretrained, batch_size=args.batch_size,
-        device=args.device, apply_chat_template=not args.no_chat_template,
+        output=args.output,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        methods=args.methods,
+        thresholds=args.thresholds,
+        limit=args.limit,
+        include_path=args.include_path,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        device=args.device,
+        apply_chat_template=not args.no_chat_template,
     )
     rows = run_sweep(config)
     print(f"{len(rows)} rows in {config.output}")

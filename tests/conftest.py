@@ -10,7 +10,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from kvzap_eval.surrogate import random_surrogate
 
-
 #: The forward keyword of the KV cache: `cache` in recent transformers, `past_key_values` in 5.2-5.18.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 

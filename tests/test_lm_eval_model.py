@@ -34,8 +34,13 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -72,9 +77,15 @@ CHOICE_PAIRS = [
 
 
 def test_loglikelihood_reflects_compression(tiny):
-    plain = HFLM(pretrained=tiny["model"], device="cpu", dtype="float32").loglikelihood(requests("loglikelihood", CHOICE_PAIRS))
-    untouched = make_lm(tiny, method="random", compression_ratio=0.0).loglikelihood(requests("loglikelihood", CHOICE_PAIRS))
-    pruned = make_lm(tiny, method="random", compression_ratio=0.9).loglikelihood(requests("loglikelihood", CHOICE_PAIRS))
+    plain = HFLM(pretrained=tiny["model"], device="cpu", dtype="float32").loglikelihood(
+        requests("loglikelihood", CHOICE_PAIRS)
+    )
+    untouched = make_lm(tiny, method="random", compression_ratio=0.0).loglikelihood(
+        requests("loglikelihood", CHOICE_PAIRS)
+    )
+    pruned = make_lm(tiny, method="random", compression_ratio=0.9).loglikelihood(
+        requests("loglikelihood", CHOICE_PAIRS)
+    )
     for (p, _), (u, _), (c, _) in zip(plain, untouched, pruned):
         assert u == pytest.approx(p, abs=1e-3), "ratio 0 equals the full cache"
         assert abs(c - p) > 1e-2, "aggressive pruning changes the scores"
@@ -84,7 +95,9 @@ def test_batch_size_does_not_change_answers(tiny):
     pairs = [(p, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for p, _ in CHOICE_PAIRS]
     one = make_lm(tiny, threshold=0.0, window=8, batch_size=1)
     three = make_lm(tiny, threshold=0.0, window=8, batch_size=3)
-    assert one.generate_until(requests("generate_until", pairs)) == three.generate_until(requests("generate_until", pairs))
+    assert one.generate_until(requests("generate_until", pairs)) == three.generate_until(
+        requests("generate_until", pairs)
+    )
     scored_one = one.loglikelihood(requests("loglikelihood", CHOICE_PAIRS))
     scored_three = three.loglikelihood(requests("loglikelihood", CHOICE_PAIRS))
     for (a, ga), (b, gb) in zip(scored_one, scored_three):
@@ -108,7 +121,10 @@ def test_paper_protocol_processes_the_question_against_the_pruned_context(tiny):
 
 
 def test_protocols_agree_without_evictions_and_differ_with_them(tiny):
-    prompts = [(p + "\nQuestion: what next?", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}) for p, _ in CHOICE_PAIRS]
+    prompts = [
+        (p + "\nQuestion: what next?", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False})
+        for p, _ in CHOICE_PAIRS
+    ]
 
     def run(**args):
         lm = make_lm(tiny, window=4, **args)
@@ -148,7 +164,9 @@ def test_bad_model_args_fail_clearly(tiny, args, message):
 
 
 def test_surrogate_for_another_model_is_refused(tiny, tmp_path):
-    other = random_surrogate(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other = random_surrogate(
+        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    )
     with pytest.raises(Exception, match="input_dim=32 does not match the model's hidden_size=64"):
         make_lm(tiny, surrogate=str(save_surrogate(other, tmp_path / "other")))
 
@@ -171,10 +189,20 @@ def test_cuda_device_without_cuda_falls_back_to_cpu(tiny):
 def test_stock_lm_eval_command_runs_kvzap_hf(tiny, tmp_path, command):
     executable = Path(sys.executable).parent / command[0]
     args = [
-        str(executable), "--model", "kvzap_hf",
-        "--model_args", f"pretrained={tiny['model']},surrogate={tiny['surrogate']},threshold=0,window=8,dtype=float32",
-        "--device", "cpu", "--include_path", TASKS, "--tasks", "kvzap_tiny_generation",
-        "--output_path", str(tmp_path), "--log_samples",
+        str(executable),
+        "--model",
+        "kvzap_hf",
+        "--model_args",
+        f"pretrained={tiny['model']},surrogate={tiny['surrogate']},threshold=0,window=8,dtype=float32",
+        "--device",
+        "cpu",
+        "--include_path",
+        TASKS,
+        "--tasks",
+        "kvzap_tiny_generation",
+        "--output_path",
+        str(tmp_path),
+        "--log_samples",
     ]
     done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

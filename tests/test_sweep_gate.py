@@ -17,9 +17,16 @@ from .test_lm_eval_model import TASKS, tiny  # noqa: E402,F401  (the tiny model 
 
 def config_for(tiny, output: Path, **overrides) -> SweepConfig:  # noqa: F811
     settings = dict(
-        output=output, tasks=["kvzap_tiny_generation"], lengths=[1024], methods=["full", "kvzap_mlp", "random"],
-        thresholds=[0.0], limit=3, include_path=TASKS, pretrained=tiny["model"],
-        model_args={"surrogate": tiny["surrogate"], "window": 8}, apply_chat_template=False,
+        output=output,
+        tasks=["kvzap_tiny_generation"],
+        lengths=[1024],
+        methods=["full", "kvzap_mlp", "random"],
+        thresholds=[0.0],
+        limit=3,
+        include_path=TASKS,
+        pretrained=tiny["model"],
+        model_args={"surrogate": tiny["surrogate"], "window": 8},
+        apply_chat_template=False,
     )
     settings.update(overrides)
     return SweepConfig(**settings)
@@ -58,9 +65,20 @@ def test_report_writes_markdown_and_plots(tmp_path):
     table = tmp_path / "t.jsonl"
     for method, ratio, acc in [("full", 0.0, 0.9), ("kvzap_mlp", 0.6, 0.85), ("random", 0.6, 0.2)]:
         for task in ("a", "b"):
-            append_row(table, {"method": method, "task": task, "length": 1024, "threshold": -4.0 if method == "kvzap_mlp" else None,
-                               "matched_threshold": -4.0 if method == "random" else None, "accuracy": acc,
-                               "compression_ratio": ratio, "n": 10, "key": f"{method}{task}"})
+            append_row(
+                table,
+                {
+                    "method": method,
+                    "task": task,
+                    "length": 1024,
+                    "threshold": -4.0 if method == "kvzap_mlp" else None,
+                    "matched_threshold": -4.0 if method == "random" else None,
+                    "accuracy": acc,
+                    "compression_ratio": ratio,
+                    "n": 10,
+                    "key": f"{method}{task}",
+                },
+            )
     path = write_report(table, tmp_path / "report", "kvzap-eval report t.jsonl")
     text = path.read_text()
     assert "| kvzap_mlp | tau=-4.0 | 0.600 | 85.0 | 20 |" in text
@@ -68,8 +86,15 @@ def test_report_writes_markdown_and_plots(tmp_path):
 
 
 def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):  # noqa: F811
-    baseline = Baseline(tasks=["kvzap_tiny_generation"], length=1024, limit=3, threshold=0.0, pretrained=tiny["model"],
-                        surrogate=tiny["surrogate"], include_path=TASKS)
+    baseline = Baseline(
+        tasks=["kvzap_tiny_generation"],
+        length=1024,
+        limit=3,
+        threshold=0.0,
+        pretrained=tiny["model"],
+        surrogate=tiny["surrogate"],
+        include_path=TASKS,
+    )
     first = measure(baseline, latency=False)
     baseline.accuracy, baseline.compression_ratio = first.accuracy, first.compression_ratio
     assert compare(baseline, measure(baseline, latency=False)) == []
@@ -79,8 +104,16 @@ def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):
 
 
 def test_gate_flags_accuracy_and_latency_regressions():
-    baseline = Baseline(tasks=["t"], length=1024, limit=10, threshold=-4.0, accuracy={"t": 0.8},
-                        compression_ratio={"t": 0.6}, latency_ratio=0.2, tolerances=Tolerances())
+    baseline = Baseline(
+        tasks=["t"],
+        length=1024,
+        limit=10,
+        threshold=-4.0,
+        accuracy={"t": 0.8},
+        compression_ratio={"t": 0.6},
+        latency_ratio=0.2,
+        tolerances=Tolerances(),
+    )
     assert compare(baseline, Measurement({"t": 0.7}, {"t": 0.61}, 0.25)) == []
     failures = compare(baseline, Measurement({"t": 0.6}, {"t": 0.6}, 0.4))
     assert len(failures) == 2 and "accuracy" in failures[0] and "latency" in failures[1]

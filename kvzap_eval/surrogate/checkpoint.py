@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from .hub import CONFIG_NAME, download_snapshot, _looks_like_path
+from .hub import CONFIG_NAME, _looks_like_path, download_snapshot
 from .model import KVzapSurrogate, SurrogateConfig, _as_dtype, expected_tensor_shapes
 
 WEIGHTS_NAME = "model.safetensors"
@@ -160,4 +160,3 @@ def load_surrogate(
     model.load_state_dict(tensors, strict=True, assign=True)
     model.source = text
     return model.eval()
-

@@ -48,8 +48,8 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
     """Snapshot `config.json` + `*.safetensors` of `repo_id` from the hub or the local HF cache."""
     import huggingface_hub
     from huggingface_hub.errors import (
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -137,4 +137,3 @@ def resolve_surrogate_source(
     hub_id = default_surrogate_id(name, model_type)
     shipped = shipped_surrogate(_basename(name), model_type)
     return shipped if shipped is not None else hub_id
-

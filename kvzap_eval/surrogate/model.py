@@ -234,4 +234,3 @@ def random_surrogate(
             last.bias.mul_(scale).add_(score_offset)
     model.source = f"random-{model_type}-seed{seed}"
     return model.eval()
-

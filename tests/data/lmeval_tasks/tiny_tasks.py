@@ -32,7 +32,7 @@ def make_generation(num_samples: int = 4, context_words: int = 60, **kwargs) -> 
 def make_choice(num_samples: int = 4, context_words: int = 40, **kwargs) -> dict:
     rng = random.Random(1)
     rows = []
-    for i in range(num_samples):
+    for _ in range(num_samples):
         context = " ".join(rng.choice(WORDS) for _ in range(context_words))
         rows.append({"prompt": context, "choices": rng.sample(WORDS, 3), "label": 0})
     return {"test": datasets.Dataset.from_list(rows)}
