@@ -62,7 +62,7 @@ class Manifest:
 
     @property
     def output_dims(self) -> list[str | int]:
-        return ["batch", self.surrogate.output_dim, "sequence"]
+        return ["batch", "sequence", self.surrogate.output_dim]
 
     def to_json(self) -> dict[str, Any]:
         s = self.surrogate
@@ -178,7 +178,9 @@ def verify_layer_files(manifest: Manifest, directory: str | os.PathLike) -> list
     for artifact in manifest.layers:
         path = directory / artifact.file
         if not path.is_file():
-            raise ArtifactError(f"layer {artifact.index} file {str(path)!r} is missing: re-export into {str(directory)!r}")
+            raise ArtifactError(
+                f"layer {artifact.index} file {str(path)!r} is missing: re-export into {str(directory)!r}"
+            )
         if file_sha256(path) != artifact.sha256:
             raise ArtifactError(
                 f"layer {artifact.index} file {str(path)!r} does not match its manifest (corrupt, truncated or "

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from kvzap_eval.surrogate import CONFIG_NAME, WEIGHTS_NAME, KVzapSurrogate, load_surrogate
+from kvzap_eval.surrogate import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    KVzapSurrogate,
+    load_surrogate,
+)
 
 _CHUNK = 1 << 22
 
@@ -30,7 +35,8 @@ class SourceInfo:
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"id": self.id, "revision": self.revision, "files": dict(self.files), "weights_sha256": self.weights_sha256}
+        return {"id": self.id, "revision": self.revision, "files": dict(self.files),
+                "weights_sha256": self.weights_sha256}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> SourceInfo:
@@ -60,9 +66,11 @@ def _checkpoint_dir(text: str, revision: str | None) -> Path:
     directory = Path(text).expanduser()
     if directory.is_dir():
         return directory
-    from kvzap_eval.surrogate import _download  # the loader's own hub resolution (cache, offline mode, messages)
+    from kvzap_eval.surrogate import (
+        download_snapshot,  # the loader's hub resolution: cache, offline mode, messages
+    )
 
-    return _download(text, revision)
+    return download_snapshot(text, revision)
 
 
 def _hub_revision(directory: Path) -> str | None:

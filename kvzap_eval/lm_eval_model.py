@@ -38,6 +38,8 @@ OWN_ARGS = {
     "method": str,
     "compression_ratio": float,
     "backend": str,
+    "backend_dir": str,
+    "backend_threads": int,
     "decoding": "bool",
     "n_sink": int,
     "alpha": float,

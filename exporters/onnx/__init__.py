@@ -1,7 +1,21 @@
-"""ONNX export of KVzap surrogates: `main_export` (library), `validate_export` (its own step), `python -m exporters.onnx`."""
+"""ONNX export of KVzap surrogates: `main_export` (the library function), `validate_export` (its own step) and
+`python -m exporters.onnx` (the CLI)."""
 
-from .export import ExportResult, OnnxExportConfig, default_export_dir, export_layers, main_export, trace_layer
-from .validate import TOLERANCES, ExportValidationError, LayerValidation, OutputCheck, validate_export
+from .export import (
+    ExportResult,
+    OnnxExportConfig,
+    default_export_dir,
+    export_layers,
+    main_export,
+    trace_layer,
+)
+from .validate import (
+    TOLERANCES,
+    ExportValidationError,
+    LayerValidation,
+    OutputCheck,
+    validate_export,
+)
 
 __all__ = [
     "TOLERANCES",

@@ -13,11 +13,11 @@ from .export import DEFAULT_THRESHOLD, main_export
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m exporters.onnx",
-        description="Export a KVzap surrogate to one ONNX file per layer (opset 20) plus manifest.json, and validate it.",
+        description="Export a KVzap surrogate to one ONNX file per layer (opset 20) plus manifest.json; validate it.",
     )
     parser.add_argument("source", help="hub id (e.g. nvidia/KVzap-mlp-Qwen3-8B) or checkpoint directory")
     parser.add_argument("--out", help="output directory (default: the kvzap-eval cache, where backends look)")
-    parser.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (default), fp16, bf16, or int8 (weight-only, for ORT)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="tau for the keep/evict check")
     parser.add_argument("--revision", help="hub revision of a hub id")
     parser.add_argument("--no-validate", action="store_true", help="skip validation")

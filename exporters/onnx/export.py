@@ -1,8 +1,10 @@
 """Export a KVzap surrogate to one ONNX file per layer plus a manifest; the library behind `python -m exporters.onnx`.
 
 Each layer is exported on its own with `torch.onnx.export(dynamo=True, opset_version=20, external_data=False)`:
-input `hidden_states` [batch, sequence, D] -> output `scores` [batch, H_kv, sequence], in the export dtype, with
-named dynamic batch and sequence dims and no external-data side files. Node metadata that torch records (stack
+input `hidden_states` [batch, sequence, D] -> output `scores` [batch, sequence, H_kv], in the export dtype, with
+named dynamic batch and sequence dims and no external-data side files. The output is left in the surrogate's own
+(B, T, H_kv) layout: backends return it as a (B, H_kv, T) view, as the torch backend does, instead of paying for a
+Transpose node on every call. Node metadata that torch records (stack
 traces with local paths) is dropped, so the same weights give byte-identical files on every machine, and the
 file hash can key engine caches. All layers share one architecture, so layer 0 is traced and the other files are
 its graph with their own weights swapped in (each initializer matched by value to exactly one parameter; when that
@@ -19,6 +21,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +33,7 @@ from kvzap_eval.errors import require
 from kvzap_eval.policies import validate_threshold
 from kvzap_eval.surrogate import KVzapSurrogate
 
-from ..dtypes import EXPORT_DTYPES, parse_dtype
+from ..dtypes import EXPORT_DTYPES, WEIGHT_ONLY_BITS, parse_dtype
 from ..hidden_states import hidden_states_for
 from ..manifest import (
     INPUT_NAME,
@@ -77,14 +80,14 @@ class ExportResult:
 
 
 class LayerGraph(nn.Module):
-    """The exported function of one layer: hidden states (B, T, D) -> scores (B, H_kv, T)."""
+    """The exported function of one layer: hidden states (B, T, D) -> scores (B, T, H_kv)."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.layer(hidden_states).transpose(1, 2)
+        return self.layer(hidden_states)
 
 
 def default_export_dir(weights_sha256: str, dtype: str) -> Path:
@@ -195,20 +198,47 @@ def save_layer(model, path: Path, layer_idx: int) -> str:
     return file_sha256(path)
 
 
+def quantize_weights(model, bits: int):
+    """Weight-only quantization of every MatMul (onnxruntime `MatMulNBits`, symmetric blocks of 32)."""
+    require("onnxruntime", "onnx")
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:], root.level = handlers, root_level  # its import calls logging.basicConfig: undo that
+
+    original, model = model, type(model)()
+    model.CopyFrom(original)  # the quantizer rewrites the graph it is given
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    return quantizer.model.model
+
+
 def export_layers(surrogate: KVzapSurrogate, directory: Path, dtype: str) -> list[LayerArtifact]:
     """Write `layer_XX.onnx` for every layer: layer 0 is traced, the others reuse its graph with their own weights
-    (all layers share one architecture); if layer 0's weights cannot be matched one to one, each layer is traced."""
+    (all layers share one architecture); if layer 0's weights cannot be matched one to one, each layer is traced.
+    Weight-only dtypes are traced in fp32 and quantized afterwards."""
     dim = surrogate.config.input_dim
-    template = trace_layer(surrogate.layers[0], dtype, dim)
-    mapping = match_initializers(template, surrogate.layers[0], dtype)
+    bits = WEIGHT_ONLY_BITS.get(dtype)
+    traced = "fp32" if bits else dtype
+    template = trace_layer(surrogate.layers[0], traced, dim)
+    mapping = match_initializers(template, surrogate.layers[0], traced)
     artifacts = []
     for i, layer in enumerate(surrogate.layers):
         if i == 0:
             model = template
         elif mapping is not None:
-            model = with_weights(template, mapping, layer, dtype)
+            model = with_weights(template, mapping, layer, traced)
         else:
-            model = trace_layer(layer, dtype, dim)
+            model = trace_layer(layer, traced, dim)
+        if bits:
+            model = quantize_weights(model, bits)
         path = directory / layer_file_name(i)
         artifacts.append(LayerArtifact(i, path.name, save_layer(model, path, i)))
     return artifacts
@@ -235,13 +265,13 @@ def _prepare(directory: Path) -> None:
 
 
 def _validate(
-    surrogate: KVzapSurrogate, paths: list[Path], config: OnnxExportConfig, dtype: str, log
+    surrogate: KVzapSurrogate, paths: list[Path], hidden_states_model: str | None, dtype: str, tau: float, log
 ) -> tuple[list[LayerValidation], list[str]]:
-    states, description = hidden_states_for(surrogate.config, config.hidden_states_model)
-    log(f"validating {len(paths)} layers ({dtype}, tau={config.threshold}); real hidden states: {description}")
-    reports = validate_export(paths, surrogate, dtype, config.threshold, states, "real")
+    states, description = hidden_states_for(surrogate.config, hidden_states_model)
+    log(f"validating {len(paths)} layers ({dtype}, tau={tau}); real hidden states: {description}")
+    reports = validate_export(paths, surrogate, dtype, tau, states, "real")
     labels = [check.inputs for check in reports[0].checks] if reports else []
-    labels.append(f"real hidden states: {description}" if states is not None else f"no real hidden states: {description}")
+    labels.append(f"{'real' if states is not None else 'no real'} hidden states: {description}")
     return reports, labels
 
 
@@ -250,7 +280,7 @@ def main_export(
     out_dir: str | os.PathLike | None = None,
     config: OnnxExportConfig | None = None,
     *,
-    log=None,
+    log: Callable[[str], None] | None = None,
     **settings,
 ) -> ExportResult:
     """Export `source` (hub id, checkpoint directory or in-memory surrogate) to `out_dir`, validate, write the manifest.
@@ -272,9 +302,9 @@ def main_export(
     manifest = Manifest(info, surrogate.config, dtype, threshold, layers, versions=_versions())
     reports: list[LayerValidation] = []
     if config.validate:
-        reports, manifest.validation_inputs = _validate(
-            surrogate, [directory / a.file for a in layers], config, dtype, log
-        )
+        paths = [directory / a.file for a in layers]
+        states_model = config.hidden_states_model
+        reports, manifest.validation_inputs = _validate(surrogate, paths, states_model, dtype, threshold, log)
         for artifact, report in zip(layers, reports):
             artifact.validation = report.to_json()
         failed = [r for r in reports if not r.passed]
@@ -290,5 +320,13 @@ def main_export(
     return ExportResult(directory, manifest, reports)
 
 
-__all__ = ["OnnxExportConfig", "ExportResult", "LayerGraph", "SourceInfo", "default_export_dir", "export_layers",
-           "main_export", "trace_layer"]  # fmt: skip
+__all__ = [
+    "ExportResult",
+    "LayerGraph",
+    "OnnxExportConfig",
+    "SourceInfo",
+    "default_export_dir",
+    "export_layers",
+    "main_export",
+    "trace_layer",
+]  # fmt: skip

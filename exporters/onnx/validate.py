@@ -3,8 +3,9 @@
 Per layer: the graph's input/output names and dims; then, for each input set (random hidden states, a decode
 step [1, 1, D], and real hidden states when available), the output shape, the max abs error against the fp32
 torch surrogate within a per-dtype tolerance, and the keep/evict agreement at the threshold tau (also reported,
-not enforced, at the median score, the hardest threshold). fp32/fp16 files run on onnxruntime CPU; onnxruntime
-CPU has no bf16 kernels, so bf16 is checked structurally and its numbers come from the same weights in torch bf16.
+not enforced, at the median score, the hardest threshold). fp32, fp16 and int8 files run on onnxruntime CPU;
+onnxruntime CPU has no bf16 kernels, so bf16 is checked structurally and its numbers come from the same weights in
+torch bf16.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_agreement=0.999),
     "fp16": Tolerance(atol=2e-2, rtol=1e-2, min_agreement=0.995),
     "bf16": Tolerance(atol=1e-1, rtol=2e-2, min_agreement=0.99),
+    "int8": Tolerance(atol=1e-1, rtol=5e-2, min_agreement=0.995),
 }
 
 
@@ -52,7 +54,7 @@ class OutputCheck:
     max_abs_error: float
     within_tolerance: bool
     agreement_at_threshold: float
-    agreement_at_median: float
+    agreement_at_median: float | None  # None for input sets too small to have a meaningful median
     passed: bool
 
 
@@ -87,11 +89,11 @@ class LayerValidation:
 
 def check_graph_signature(path: Path, dtype: str, input_dim: int, output_dim: int) -> list[str]:
     """Problems with the graph's single input `hidden_states` [batch, sequence, D] and output `scores`
-    [batch, H, sequence] of the export dtype (empty list when it is right)."""
+    [batch, sequence, H] of the export dtype (empty list when it is right)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    expected = {INPUT_NAME: ["batch", "sequence", input_dim], OUTPUT_NAME: ["batch", output_dim, "sequence"]}
+    expected = {INPUT_NAME: ["batch", "sequence", input_dim], OUTPUT_NAME: ["batch", "sequence", output_dim]}
     problems = []
     for kind, values in (("input", graph.input), ("output", graph.output)):
         name = INPUT_NAME if kind == "input" else OUTPUT_NAME
@@ -117,14 +119,14 @@ def _ort_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _torch_runner(module: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     cast = copy.deepcopy(module).to(dtype)
-    return lambda x: cast(x).transpose(1, 2)
+    return cast
 
 
 def _check(
     label: str, x: torch.Tensor, reference: torch.nn.Module, run: Callable, dtype: str, tau: float, tol: Tolerance
 ) -> OutputCheck:
     with torch.inference_mode():
-        ref = reference(x).transpose(1, 2)
+        ref = reference(x)
         got = run(x.to(EXPORT_DTYPES[dtype]).contiguous())
     expected = list(ref.shape)
     if list(got.shape) != expected:
@@ -134,7 +136,7 @@ def _check(
     within = bool((error <= tol.atol + tol.rtol * ref.abs()).all()) and bool(torch.isfinite(got).all())
     agreement = float(((got < tau) == (ref < tau)).float().mean())
     median = ref.median()
-    at_median = float(((got < median) == (ref < median)).float().mean())
+    at_median = float(((got < median) == (ref < median)).float().mean()) if ref.numel() >= 64 else None
     passed = within and agreement >= tol.min_agreement
     return OutputCheck(label, expected, expected, float(error.max()), within, agreement, at_median, passed)
 

@@ -8,14 +8,18 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ArtifactError
 from ..surrogate import KVzapSurrogate
 
+if TYPE_CHECKING:
+    from exporters.manifest import Manifest
+
 
 def checked_export(
     surrogate: KVzapSurrogate, n_layers: int, artifacts: str | os.PathLike | None, dtype: str
-) -> tuple[Path, object]:
+) -> tuple[Path, Manifest]:
     """(directory, manifest) of a validated export of `surrogate` for a model with `n_layers` decoder layers.
 
     `artifacts` None: the cache directory for this surrogate and `dtype`, exported on first use. A given directory

@@ -14,7 +14,7 @@ from importlib import metadata
 
 import torch
 
-from ..errors import ConfigError, MissingExtraError, require
+from ..errors import ArtifactError, ConfigError, MissingExtraError, require
 from ..surrogate import KVzapSurrogate
 from .artifacts import checked_export
 from .base import ScorerBackend
@@ -25,7 +25,8 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "
                      "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip
 #: ONNX element types (TensorProto) of the torch dtypes a session can be bound to.
 _ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
-_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Export dtype -> dtype of the session's input and output (int8 is weight-only: fp32 in and out).
+_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 def installed_onnxruntime() -> dict[str, str]:
@@ -55,10 +56,12 @@ def import_onnxruntime():
 @dataclass(frozen=True)
 class OrtSettings:
     """Session settings: `threads` intra-op threads per session (None = torch's thread count), `spin` lets idle
-    workers busy-wait (faster hand-off, but they then steal cores from torch between calls)."""
+    workers busy-wait (faster hand-off, but they then steal cores from torch between calls), `dtype` the export
+    dtype used when no artifact directory is given (None = follow the layers, see `export_dtype_for`)."""
 
     threads: int | None = None
     spin: bool = False
+    dtype: str | None = None
 
 
 def export_dtype_for(placement: Placement) -> str:
@@ -69,7 +72,12 @@ def export_dtype_for(placement: Placement) -> str:
 
 
 class _LayerSession:
-    """One layer's session, its IO binding and the device/dtype it binds to."""
+    """One layer's session and IO binding, bound to torch tensors by pointer on every call.
+
+    At decode the public `IOBinding` wrappers cost more than the model (a few µs of Python checks per call), so
+    calls go through onnxruntime's C-level session and binding objects when this onnxruntime exposes them
+    (`_sess`, `_iobinding`), with the public API as the fallback.
+    """
 
     def __init__(self, ort, path: str, options, device: torch.device, dtype: torch.dtype, heads: int) -> None:
         if device.type == "cuda":
@@ -78,27 +86,44 @@ class _LayerSession:
             index = device.index if device.index is not None else torch.cuda.current_device()
             stream = torch.cuda.current_stream(index).cuda_stream
             providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
-            self.device_type, self.device_id = "cuda", index
+            device_type, device_id = "cuda", index
         else:
-            providers, self.device_type, self.device_id = ["CPUExecutionProvider"], "cpu", 0
+            providers, device_type, device_id = ["CPUExecutionProvider"], "cpu", 0
         try:
-            self.session = ort.InferenceSession(path, options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf, ...)
-            from ..errors import ArtifactError
-
+            session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own classes (Fail, InvalidProtobuf...) derive from it
             raise ArtifactError(f"onnxruntime cannot load {path!r} ({exc}): re-export it") from None
-        self.binding = self.session.io_binding()
-        self.dtype, self.element_type, self.heads = dtype, _ELEMENT_TYPES[dtype], heads
+        binding = session.io_binding()
+        self.dtype, self.heads, element_type = dtype, heads, _ELEMENT_TYPES[dtype]
+        try:
+            c_session, c_binding = session._sess, binding._iobinding
+            c_device = ort.OrtDevice.make(device_type, device_id)._get_c_device()
+        except AttributeError:
+            c_session = None
+        if c_session is not None:
+
+            def bind_and_run(x_shape, x_ptr, out_shape, out_ptr):
+                c_binding.bind_input("hidden_states", c_device, element_type, x_shape, x_ptr)
+                c_binding.bind_output("scores", c_device, element_type, out_shape, out_ptr)
+                c_session.run_with_iobinding(c_binding, None)
+
+        else:
+
+            def bind_and_run(x_shape, x_ptr, out_shape, out_ptr):
+                binding.bind_input("hidden_states", device_type, device_id, element_type, x_shape, x_ptr)
+                binding.bind_output("scores", device_type, device_id, element_type, out_shape, out_ptr)
+                session.run_with_iobinding(binding)
+
+        self.session, self.bind_and_run = session, bind_and_run
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B, H_kv, T) of contiguous hidden states (B, T, D) of the session's dtype and device: the graph
+        writes (B, T, H_kv) into memory allocated as the transposed view, so no transpose runs."""
         batch, tokens, _ = x.shape
-        out = torch.empty((batch, self.heads, tokens), dtype=self.dtype, device=x.device)
-        if x.numel() == 0:
-            return out
-        binding = self.binding
-        binding.bind_input("hidden_states", self.device_type, self.device_id, self.element_type, x.shape, x.data_ptr())
-        binding.bind_output("scores", self.device_type, self.device_id, self.element_type, out.shape, out.data_ptr())
-        self.session.run_with_iobinding(binding)
+        heads = self.heads
+        out = torch.empty_strided((batch, heads, tokens), (tokens * heads, 1, heads), dtype=x.dtype, device=x.device)
+        if tokens and batch:
+            self.bind_and_run(x.shape, x.data_ptr(), (batch, tokens, heads), out.data_ptr())
         return out
 
 
@@ -122,7 +147,8 @@ class OnnxRuntimeBackend(ScorerBackend):
         ort = import_onnxruntime()
         settings = settings or OrtSettings()
         self.threads = settings.threads or torch.get_num_threads()
-        self.directory, self.manifest = checked_export(surrogate, len(placement), artifacts, export_dtype_for(placement))
+        dtype = settings.dtype or export_dtype_for(placement)
+        self.directory, self.manifest = checked_export(surrogate, len(placement), artifacts, dtype)
         self.dtype = _EXPORT_DTYPES[self.manifest.dtype]
         if self.dtype == torch.bfloat16 and any(device.type == "cpu" for device, _ in placement):
             raise ConfigError(
@@ -152,9 +178,8 @@ class OnnxRuntimeBackend(ScorerBackend):
         return options
 
     def __call__(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[layer_idx]
         x = hidden_states
         if x.dtype != self.dtype or not x.is_contiguous():
             x = x.to(self.dtype).contiguous()
-        out = layer.run(x)
+        out = self.layers[layer_idx].run(x)
         return out if hidden_states.dtype == self.dtype else out.to(hidden_states.dtype)
