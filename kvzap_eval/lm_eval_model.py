@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import sample_stats
 from .embedded import resolve_pretrained
 from .errors import ConfigError
-from .methods import FIXED_RATIO_METHODS, MethodConfig, build_method
+from .methods import FIXED_RATIO_METHODS, PREFILL_ONLY_METHODS, MethodConfig, build_method
 from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
 from .runtime import KVzapSession, compress
 
@@ -95,7 +95,7 @@ def method_config_from_args(args: dict) -> tuple[MethodConfig, str, int | None]:
     method = args.get("method", "kvzap")
     if method in FIXED_RATIO_METHODS and "threshold" in args:
         raise ConfigError(f"threshold is for method=kvzap; method={method} takes compression_ratio instead")
-    if method not in FIXED_RATIO_METHODS and "compression_ratio" in args:
+    if method not in (*FIXED_RATIO_METHODS, "kvzip_plus") and "compression_ratio" in args:
         raise ConfigError(
             f"compression_ratio is for fixed-ratio methods ({', '.join(FIXED_RATIO_METHODS)}); "
             f"method={method} takes threshold instead"
@@ -113,7 +113,7 @@ class KVzapHFLM(HFLM):
         if self.prefill_chunk is not None and self.protocol == "paper":
             self.protocol = "chunked" if own.get("protocol") is None else self.protocol
         super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
-        self.method = build_method(self.model, self.method_config)
+        self.method = build_method(self.model, self.method_config, tokenizer=self.tokenizer)
         self._question_tokens: dict[tuple[int, ...], tuple[int, str | None, str]] = {}
         self._records: list[dict] = []  # one per request row: task and achieved compression ratio
         self._kv_bytes = [0, 0]  # bytes held, bytes of a full cache, summed over batches
@@ -123,7 +123,7 @@ class KVzapHFLM(HFLM):
     def set_method(self, config: MethodConfig) -> None:
         """Switch the compression method between runs (the model stays loaded) and reset the statistics."""
         self.method_config = config
-        self.method = build_method(self.model, config)
+        self.method = build_method(self.model, config, tokenizer=self.tokenizer)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -171,12 +171,15 @@ class KVzapHFLM(HFLM):
         ]
         batch = self._prepare(context, mask, [n for n, _, _ in rows])
         budget = max_length - context.shape[1]
+        pruned = sum(batch.prefill_chunks) or batch.input_ids.shape[1]
+        if self.method.scorer is not None:
+            self.method.scorer.prepare(batch.input_ids[:, :pruned], batch.attention_mask[:, :pruned])
         with compress(self.model, self.method) as session:
             cache = session.new_cache()
             with torch.no_grad():
                 self._prefill(batch, cache, session.cache_kwarg)
-            fixed_ratio = self.method_config.method in FIXED_RATIO_METHODS
-            pause = session.pause() if fixed_ratio and batch.prefill_chunks else nullcontext()
+            prefill_only = self.method_config.method in PREFILL_ONLY_METHODS
+            pause = session.pause() if prefill_only and batch.prefill_chunks else nullcontext()
             with pause:
                 out = super()._model_generate(
                     batch.input_ids,
@@ -243,6 +246,8 @@ class KVzapHFLM(HFLM):
         cont_ids, cont_mask = _pad(continuations, left=False)
         mask = torch.cat([ctx_mask, cont_mask], 1)
         positions = _positions(mask)
+        if self.method.scorer is not None:
+            self.method.scorer.prepare(ctx_ids, ctx_mask)
         with compress(self.model, self.method) as session, torch.no_grad():
             cache = session.new_cache()
             kwarg = {session.cache_kwarg: cache}
@@ -255,7 +260,7 @@ class KVzapHFLM(HFLM):
             ).logits[:, -1:]
             logits = [first]
             if cont_ids.shape[1] > 0:
-                pause = session.pause() if self.method_config.method in FIXED_RATIO_METHODS else nullcontext()
+                pause = session.pause() if self.method_config.method in PREFILL_ONLY_METHODS else nullcontext()
                 with pause:
                     rest = self.model(
                         input_ids=cont_ids,

@@ -7,6 +7,7 @@
 | `random`      | uniform random         | fixed ratio per head, prefill            |
 | `streaming`   | sinks + recency        | fixed ratio per head, prefill            |
 | `snapkv`      | SnapKV window attention| fixed ratio per head, prefill            |
+| `kvzip_plus`  | KVzip+ oracle (teacher)| fixed ratio per layer, or threshold; prefill only |
 | `full`        | none                   | none (the compact cache holds everything)|
 """
 
@@ -20,10 +21,12 @@ from .backends import BACKENDS, make_backend
 from .errors import ConfigError
 from .model_info import num_kv_heads, placement
 from .policies import FixedRatioPolicy, Policy, ThresholdPolicy, validate_ratio, validate_threshold
-from .scorers import KVzapScorer, RandomScorer, Scorer, SnapKVScorer, StreamingScorer
+from .scorers import KVzapScorer, KVzipPlusScorer, RandomScorer, Scorer, SnapKVScorer, StreamingScorer
 
-METHODS = ("kvzap", "kvzap_adakv", "full", "random", "streaming", "snapkv")
+METHODS = ("kvzap", "kvzap_adakv", "full", "random", "streaming", "snapkv", "kvzip_plus")
 FIXED_RATIO_METHODS = ("kvzap_adakv", "random", "streaming", "snapkv")
+#: Methods that prune the prefill only (a question after the context and decoding run unpruned).
+PREFILL_ONLY_METHODS = (*FIXED_RATIO_METHODS, "kvzip_plus")
 #: Threshold used when neither the user nor the surrogate's training report gives one (the paper's Qwen3 value).
 DEFAULT_THRESHOLD = -4.0
 
@@ -55,6 +58,8 @@ class MethodConfig:
             raise ConfigError(f"model_type must be 'linear' or 'mlp', got {self.model_type!r}")
         if self.threshold is not None:
             self.threshold = validate_threshold(self.threshold)
+        if self.method == "kvzip_plus" and self.compression_ratio is not None:
+            self.compression_ratio = validate_ratio(self.compression_ratio)
         if self.method in FIXED_RATIO_METHODS:
             if self.compression_ratio is None:
                 raise ConfigError(f"method {self.method!r} needs compression_ratio=<float in [0, 1)>, e.g. 0.67")
@@ -71,8 +76,11 @@ class Method:
     policy: Policy | None
 
 
-def build_method(model: torch.nn.Module, config: MethodConfig | None = None, **settings) -> Method:
-    """Build the scorer and policy of a method for `model` (loads the surrogate for KVzap methods)."""
+def build_method(
+    model: torch.nn.Module, config: MethodConfig | None = None, tokenizer=None, **settings
+) -> Method:
+    """Build the scorer and policy of a method for `model` (loads the surrogate for KVzap methods; the KVzip+
+    oracle needs the `tokenizer` for its repeat prompt)."""
     config = config or MethodConfig(**settings)
     heads = num_kv_heads(model.config)
     name = config.method
@@ -84,6 +92,15 @@ def build_method(model: torch.nn.Module, config: MethodConfig | None = None, **s
         return Method(config, StreamingScorer(heads, config.n_sink), FixedRatioPolicy(config.compression_ratio))
     if name == "snapkv":
         return Method(config, SnapKVScorer(), FixedRatioPolicy(config.compression_ratio))
+    if name == "kvzip_plus":
+        if tokenizer is None:
+            raise ConfigError("method kvzip_plus needs the tokenizer: build_method(model, config, tokenizer=...)")
+        if config.compression_ratio is not None:
+            policy = FixedRatioPolicy(config.compression_ratio, scope="layer", alpha=config.alpha)
+        else:
+            threshold = config.threshold if config.threshold is not None else DEFAULT_THRESHOLD
+            policy = ThresholdPolicy(threshold, config.window, decoding=False)
+        return Method(config, KVzipPlusScorer(model, tokenizer), policy)
     surrogate = _load_checked_surrogate(model, config)
     backend = make_backend(config.backend, surrogate, placement(model), config.backend_dir, config.backend_threads)
     scorer = KVzapScorer(backend)

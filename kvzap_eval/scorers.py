@@ -35,6 +35,9 @@ class Scorer:
     the attention module or the cache (SnapKV) override `score`.
     """
 
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Called with each batch of prompts' tokens about to be prefilled and pruned (oracles score them here)."""
+
     def score(self, call: LayerCall) -> torch.Tensor:
         return self(call.layer_idx, call.hidden_states, call.token_index)
 
@@ -118,3 +121,23 @@ class SnapKVScorer(Scorer):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class KVzipPlusScorer(Scorer):
+    """The KVzip+ oracle: the teacher's scores of the actual context (one repeat pass in `prepare`), prefill only."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    plus: bool = True
+    _scores: list | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, input_ids, attention_mask):
+        from .oracle import OracleScorer, context_scores
+
+        self._scores = OracleScorer(context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus))
+
+    def __call__(self, layer_idx, hidden_states, positions):
+        if self._scores is None:
+            raise RuntimeError("KVzipPlusScorer.prepare(input_ids, attention_mask) must run before the prefill")
+        return self._scores(layer_idx, hidden_states, positions)

@@ -212,3 +212,11 @@ def test_stock_lm_eval_command_runs_kvzap_hf(tiny, tmp_path, command):
     assert config["kvzap"]["threshold"] == 0.0
     assert 0.0 < config["kvzap"]["achieved_compression_ratio"] < 1.0
     assert list(tmp_path.rglob("samples_kvzap_tiny_generation_*.jsonl"))
+
+
+def test_kvzip_plus_oracle_prunes_the_context_at_its_ratio(tiny):
+    lm = make_lm(tiny, method="kvzip_plus", compression_ratio=0.5, batch_size=2)
+    results = evaluate(lm, ["kvzap_tiny_generation", "kvzap_tiny_choice"])
+    per_task = results["config"]["kvzap"]["achieved_compression_ratio_per_task"]
+    assert per_task["kvzap_tiny_generation"] == pytest.approx(0.5, abs=0.08)  # the question is not pruned
+    assert per_task["kvzap_tiny_choice"] == pytest.approx(0.5, abs=0.08)
