@@ -106,8 +106,21 @@ def build_method(
     scorer = KVzapScorer(backend)
     if name == "kvzap_adakv":
         return Method(config, scorer, FixedRatioPolicy(config.compression_ratio, scope="layer", alpha=config.alpha))
-    threshold = config.threshold if config.threshold is not None else DEFAULT_THRESHOLD
+    threshold = config.threshold if config.threshold is not None else default_threshold(surrogate.source)
     return Method(config, scorer, ThresholdPolicy(threshold, config.window, config.decoding))
+
+
+def default_threshold(surrogate_source) -> float:
+    """The tau recommended by a local surrogate's training report (about 3x compression), else -4."""
+    from pathlib import Path
+
+    from .training_report import recommended_threshold
+
+    if surrogate_source is not None and Path(surrogate_source).is_dir():
+        recommended = recommended_threshold(surrogate_source)
+        if recommended is not None:
+            return recommended
+    return DEFAULT_THRESHOLD
 
 
 def _load_checked_surrogate(model: torch.nn.Module, config: MethodConfig):

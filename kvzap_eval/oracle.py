@@ -136,7 +136,5 @@ def oracle_method(
     """Score `input_ids` with KVzip+ now and return the method that prunes their prefill (call outside compress)."""
     config = config or OracleConfig(**settings)
     policy = oracle_policy(config)
-    scores = context_scores(
-        model, tokenizer, input_ids, attention_mask, plus=config.plus, attention=config.attention
-    )
+    scores = context_scores(model, tokenizer, input_ids, attention_mask, plus=config.plus, attention=config.attention)
     return OracleMethod(config, OracleScorer(scores), policy)

@@ -281,7 +281,12 @@ def teacher_scores(
         hidden[layer_idx], scores[layer_idx] = h.float().cpu(), y.cpu()
 
     run_teacher(
-        model, prompt.input_ids, queries=prompt.repeated, keys=prompt.original, sink=sink, plus=plus,
+        model,
+        prompt.input_ids,
+        queries=prompt.repeated,
+        keys=prompt.original,
+        sink=sink,
+        plus=plus,
         attention=attention,
     )
     order = sorted(hidden)

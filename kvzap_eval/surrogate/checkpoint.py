@@ -53,6 +53,8 @@ def save_surrogate(
         temps.append(tmp_config)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(config_text)
+        for tmp in temps:
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
         os.replace(tmp_weights, directory / WEIGHTS_NAME)
         os.replace(tmp_config, directory / CONFIG_NAME)
     finally:
