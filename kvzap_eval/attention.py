@@ -57,17 +57,38 @@ def _mask(module: torch.nn.Module, q: int, kv_len: int, device, kwargs: dict) ->
     return torch.ones(q, kv_len, dtype=torch.bool, device=device).tril_(kv_len - q)[None, None]
 
 
+def _first_forward_mask(module: torch.nn.Module, q: int, kwargs: dict) -> torch.Tensor | None | bool:
+    """For a forward with no past entries, every head sees the same keys: a (B, 1, q, q) mask, None (causal and
+    no padding) or False when the layer holds a past (the per-head mask is needed)."""
+    cache = kwargs.get(CACHE_KWARG)
+    if not isinstance(cache, CompactCache):
+        return None
+    positions = cache.layers[module.layer_idx].positions
+    if positions.shape[-1] != q:
+        return False
+    real = positions[:, 0, :] >= 0  # (B, q), the same for every head before any eviction
+    if bool(real.all()):
+        return None
+    causal = torch.ones(q, q, dtype=torch.bool, device=real.device).tril_()
+    diagonal = torch.eye(q, dtype=torch.bool, device=real.device)
+    return ((causal & real[:, None, :]) | diagonal)[:, None]
+
+
 def kvzap_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA over the kept entries of the layer's compact cache."""
     h_q, q, n_kv = query.shape[1], query.shape[2], key.shape[1]
+    dropout_p = dropout if module.training else 0.0
+    if q > 1:
+        shared = _first_forward_mask(module, q, kwargs)
+        if shared is not False:  # prefill: one mask for all heads, so the fused (causal) kernels apply
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=shared, is_causal=shared is None, dropout_p=dropout_p, scale=scaling,
+                enable_gqa=h_q != n_kv,
+            )
+            return out.transpose(1, 2).contiguous(), None
     mask = _tile_mask(_mask(module, q, key.shape[-2], query.device, kwargs), h_q // n_kv)
     out = F.scaled_dot_product_attention(
-        _fold_heads(query, n_kv),
-        key,
-        value,
-        attn_mask=mask,
-        dropout_p=dropout if module.training else 0.0,
-        scale=scaling,
+        _fold_heads(query, n_kv), key, value, attn_mask=mask, dropout_p=dropout_p, scale=scaling
     )
     return _unfold_heads(out, h_q, q), None
 
