@@ -38,7 +38,9 @@ class Tolerance:
 
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_agreement=0.999),
-    "fp16": Tolerance(atol=2e-2, rtol=1e-2, min_agreement=0.995),
+    # fp16 rounds each input to 2^-11 relative; summed over D=576 terms with trained weights, random N(0, 1) hidden
+    # states reach 4e-2 absolute error (the shipped linear SmolLM2 surrogate) while keep/evict agreement stays 100%.
+    "fp16": Tolerance(atol=6e-2, rtol=1e-2, min_agreement=0.995),
     "bf16": Tolerance(atol=1e-1, rtol=2e-2, min_agreement=0.99),
     "int8": Tolerance(atol=1e-1, rtol=5e-2, min_agreement=0.995),
 }
