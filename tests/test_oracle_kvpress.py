@@ -26,6 +26,7 @@ from kvzap_eval.backends import TorchBackend  # noqa: E402
 from kvzap_eval.methods import MethodConfig, build_method  # noqa: E402
 from kvzap_eval.model_info import placement  # noqa: E402
 from kvzap_eval.runtime import compress  # noqa: E402
+from kvzap_eval.scorers import Scorer  # noqa: E402
 from kvzap_eval.surrogate import random_surrogate, save_surrogate  # noqa: E402
 
 from .conftest import CACHE_KWARG, output_cache, tiny_model  # noqa: E402
@@ -133,7 +134,7 @@ class RecordingKVpressScores:
         return scores
 
 
-class RecordingScorer:
+class RecordingScorer(Scorer):
     """Wraps our method's scorer the same way."""
 
     def __init__(self, scorer):
