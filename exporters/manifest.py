@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvzap_eval.atomic import write_json_atomic
 from kvzap_eval.errors import ArtifactError
 from kvzap_eval.surrogate import SurrogateConfig
 
@@ -104,18 +104,7 @@ class Manifest:
 
 def write_manifest(manifest: Manifest, directory: str | os.PathLike) -> Path:
     """Write `manifest.json` atomically (a reader never sees half a manifest). Returns its path."""
-    path = Path(directory) / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(manifest.to_json(), handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_json_atomic(Path(directory) / MANIFEST_NAME, manifest.to_json())
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import write_json_atomic
 from .errors import ConfigError
 from .sweep import Run, SweepConfig, run_sweep
 
@@ -56,12 +56,7 @@ class Baseline:
         return cls(**data)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(self), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, asdict(self), sort_keys=True)
 
 
 @dataclass

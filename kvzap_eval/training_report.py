@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import write_json_atomic
 
 REPORT_NAME = "training_report.json"
 PROBE_ROWS = 4
@@ -25,19 +26,7 @@ PROBE_SEED = 0
 def write_report(directory: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Write `report` as `training_report.json` in `directory`, atomically; returns the file's path."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / REPORT_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{REPORT_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_json_atomic(directory / REPORT_NAME, report, indent=1)
 
 
 def read_report(surrogate_dir: str | os.PathLike) -> dict[str, Any] | None:
