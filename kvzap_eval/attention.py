@@ -82,7 +82,13 @@ def kvzap_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
         shared = _first_forward_mask(module, q, kwargs)
         if shared is not False:  # prefill: one mask for all heads, so the fused (causal) kernels apply
             out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=shared, is_causal=shared is None, dropout_p=dropout_p, scale=scaling,
+                query,
+                key,
+                value,
+                attn_mask=shared,
+                is_causal=shared is None,
+                dropout_p=dropout_p,
+                scale=scaling,
                 enable_gqa=h_q != n_kv,
             )
             return out.transpose(1, 2).contiguous(), None

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": "kvzap_eval.bench",
     "latency": "kvzap_eval.latency",
     "sweep": "kvzap_eval.sweep",
+    "merge": "kvzap_eval.sweep:merge_main",
     "report": "kvzap_eval.report",
     "gate": "kvzap_eval.gate",
     "train": "kvzap_eval.train",
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+            module, _, function = SUBCOMMANDS[argv[0]].partition(":")
+            return getattr(importlib.import_module(module), function or "main")(argv[1:])
         return run_lm_eval(argv)
     except KVzapError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections import defaultdict
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -27,6 +27,7 @@ from .embedded import resolve_pretrained
 from .errors import ConfigError
 from .methods import FIXED_RATIO_METHODS, PREFILL_ONLY_METHODS, MethodConfig, build_method
 from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
+from .run_stats import RunStats
 from .runtime import KVzapSession, compress
 
 #: model_args of our own, with their coercions (lm-eval passes -5 as int or float, booleans as bool or str).
@@ -113,12 +114,24 @@ class KVzapHFLM(HFLM):
         if self.prefill_chunk is not None and self.protocol == "paper":
             self.protocol = "chunked" if own.get("protocol") is None else self.protocol
         super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
+        self._join_data_parallel()
         self.method = build_method(self.model, self.method_config, tokenizer=self.tokenizer)
         self._question_tokens: dict[tuple[int, ...], tuple[int, str | None, str]] = {}
-        self._records: list[dict] = []  # one per request row: task and achieved compression ratio
-        self._kv_bytes = [0, 0]  # bytes held, bytes of a full cache, summed over batches
-        self._latency: dict[str, dict[int, list[float]]] = {}
-        self.reset_stats()
+        self._padding: Counter = Counter()  # request key -> copies lm-eval added to even out the ranks
+        self.run_stats = RunStats()  # this process's requests
+        self._all_ranks_stats: RunStats | None = None  # rank 0: every rank's, gathered at each barrier
+
+    def _join_data_parallel(self) -> None:
+        """Take every process of an `accelerate launch` as a data-parallel rank, on any device.
+
+        HFLM only turns data parallelism on when it counts more than one GPU, and ranks processes by their index on
+        their own machine; kvzap_hf splits the requests over every launched process, CPU ones included, ranked by
+        their global index so that several machines never share a rank.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
 
     def set_method(self, config: MethodConfig) -> None:
         """Switch the compression method between runs (the model stays loaded) and reset the statistics."""
@@ -127,20 +140,51 @@ class KVzapHFLM(HFLM):
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self._records = []
-        self._kv_bytes = [0, 0]
-        self._latency = {"prefill": defaultdict(list), "decode": defaultdict(list)}
+        self.run_stats = RunStats()
+        self._all_ranks_stats = None
+
+    # --- data parallel -----------------------------------------------------------------------------------------
+    def _note_padding(self, requests, key) -> None:
+        """Remember the copies of the last request lm-eval appends so that every rank runs as many requests.
+
+        Their answers are dropped by lm-eval; their statistics must not count either, or the totals of a sharded
+        run would differ from one process's.
+        """
+        self._padding = Counter()
+        if self.world_size <= 1 or not requests:
+            return
+        last = requests[-1]
+        trailing = 0
+        for request in reversed(requests):
+            if request is not last:
+                break
+            trailing += 1
+        extra = trailing - max(1, getattr(last, "repeats", 1))
+        if extra > 0:
+            self._padding[key(last)] = extra
+
+    def barrier(self) -> None:
+        """lm-eval's synchronisation point after each request type, on every rank: also gather the statistics."""
+        super().barrier()
+        if self.world_size > 1:
+            parts = self.gather_object(self.run_stats, dst=0)
+            if self.rank == 0:
+                self._all_ranks_stats = RunStats.merged(parts)
 
     # --- generation --------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self._question_tokens = {}
         for request in requests:
             self._register_prompt(request)
+        self._note_padding(requests, lambda request: self._prompt_ids(request.args[0]))
         return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def _prompt_ids(self, prompt: str) -> tuple[int, ...]:
+        return tuple(self.tok_batch_encode([prompt])[0][0].tolist())
 
     def _register_prompt(self, request) -> None:
         prompt, gen_kwargs = request.args
-        ids = self.tok_batch_encode([prompt])[0][0].tolist()
+        ids = list(self._prompt_ids(prompt))
         budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
         if len(ids) + budget > self.max_length:
             raise ConfigError(
@@ -166,9 +210,8 @@ class KVzapHFLM(HFLM):
         mask = generation_kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(context)
-        rows = [
-            self._question_tokens.get(tuple(ids[m.bool()].tolist()), (0, None, None)) for ids, m in zip(context, mask)
-        ]
+        keys = [tuple(ids[m.bool()].tolist()) for ids, m in zip(context, mask)]
+        rows = [self._question_tokens.get(key, (0, None, None)) for key in keys]
         batch = self._prepare(context, mask, [n for n, _, _ in rows])
         budget = max_length - context.shape[1]
         pruned = sum(batch.prefill_chunks) or batch.input_ids.shape[1]
@@ -189,7 +232,7 @@ class KVzapHFLM(HFLM):
                     **{session.cache_kwarg: cache},
                     **generation_kwargs,
                 )
-            self._record(session, [(uid, task) for _, uid, task in rows])
+            self._record(session, [(key, uid, task) for key, (_, uid, task) in zip(keys, rows)])
         return torch.cat([context, out[:, batch.input_ids.shape[1] :]], dim=1)
 
     def _prepare(self, context: torch.Tensor, mask: torch.Tensor, question_tokens: list[int]) -> PreparedBatch:
@@ -215,6 +258,7 @@ class KVzapHFLM(HFLM):
     # --- loglikelihood -----------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._request_tasks = {request.args: request.task_name for request in requests}
+        self._note_padding(requests, lambda request: tuple(request.args))
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
@@ -271,7 +315,8 @@ class KVzapHFLM(HFLM):
                     )
                 logits.append(rest.logits)
             tasks = getattr(self, "_request_tasks", {})
-            self._record(session, [(None, tasks.get(tuple(pair) if pair else None)) for pair, _, _ in batch])
+            keys = [tuple(pair) if pair else None for pair, _, _ in batch]
+            self._record(session, [(key, None, tasks.get(key)) for key in keys])
         logprobs = F.log_softmax(torch.cat(logits, 1).float(), dim=-1)
         answers = []
         for row, (_, _, continuation) in enumerate(batch):
@@ -282,45 +327,34 @@ class KVzapHFLM(HFLM):
         return answers
 
     # --- statistics --------------------------------------------------------------------------------------------
-    def _record(self, session: KVzapSession, rows: list[tuple[str | None, str | None]]) -> None:
+    def _record(self, session: KVzapSession, rows: list[tuple[object, str | None, str | None]]) -> None:
+        """Record a batch; rows are (request key, sample uid, task). lm-eval's padding copies are not counted."""
         stats = session.stats()
-        ratios = stats.per_row_compression_ratio()
-        for (uid, task), ratio in zip(rows, ratios):
+        for (_, uid, _), ratio in zip(rows, stats.per_row_compression_ratio()):
             if uid is not None:
                 sample_stats.record(uid, ratio)
-            self._records.append({"task": task, "compression_ratio": ratio})
-        self._kv_bytes[0] += stats.nbytes
-        self._kv_bytes[1] += stats.full_kv_nbytes
-        for phase, per_layer in session.timer.mean_us().items():
-            for layer, (us, calls) in enumerate(zip(per_layer, session.timer.calls[phase])):
-                if calls:
-                    self._latency[phase][layer].append(us)
+        keep = [self._padding.get(key, 0) == 0 for key, _, _ in rows]
+        for key, _, _ in rows:
+            if self._padding.get(key, 0) > 0:
+                self._padding[key] -= 1
+        if not any(keep):
+            return
+        if not all(keep):
+            stats = stats.select_rows([row for row, kept in enumerate(keep) if kept])
+        self.run_stats.add(stats, session.timer, [task for (_, _, task), kept in zip(rows, keep) if kept])
 
     def get_model_info(self) -> dict:
+        """HFLM's model info plus `kvzap`: the method's settings and the run's statistics over every rank."""
         info = super().get_model_info()
-        records = self._records
-        per_task = defaultdict(list)
-        for record in records:
-            if record["task"] is not None:
-                per_task[record["task"]].append(record["compression_ratio"])
-        kv, full = self._kv_bytes
         settings = {f.name: getattr(self.method_config, f.name) for f in fields(self.method_config)}
+        run_stats = self._all_ranks_stats if self._all_ranks_stats is not None else self.run_stats
         info["kvzap"] = {
             **{name: value for name, value in settings.items() if value is not None},
             "threshold": getattr(self.method.policy, "threshold", None),
             "protocol": self.protocol,
             "prefill_chunk": self.prefill_chunk,
-            "requests": len(records),
-            "achieved_compression_ratio": (
-                sum(r["compression_ratio"] for r in records) / len(records) if records else None
-            ),
-            "achieved_compression_ratio_per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
-            "kv_bytes": kv,
-            "full_kv_bytes": full,
-            "kv_bytes_fraction": kv / full if full else None,
-            "scorer_latency_us_per_layer": {
-                phase: [sum(v) / len(v) for _, v in sorted(layers.items())] for phase, layers in self._latency.items()
-            },
+            "ranks": self.world_size,
+            **run_stats.summary(),
         }
         return info
 

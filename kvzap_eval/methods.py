@@ -76,9 +76,7 @@ class Method:
     policy: Policy | None
 
 
-def build_method(
-    model: torch.nn.Module, config: MethodConfig | None = None, tokenizer=None, **settings
-) -> Method:
+def build_method(model: torch.nn.Module, config: MethodConfig | None = None, tokenizer=None, **settings) -> Method:
     """Build the scorer and policy of a method for `model` (loads the surrogate for KVzap methods; the KVzip+
     oracle needs the `tokenizer` for its repeat prompt)."""
     config = config or MethodConfig(**settings)

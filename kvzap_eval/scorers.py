@@ -135,7 +135,8 @@ class KVzipPlusScorer(Scorer):
     def prepare(self, input_ids, attention_mask):
         from .oracle import OracleScorer, context_scores
 
-        self._scores = OracleScorer(context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus))
+        scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
+        self._scores = OracleScorer(scores)
 
     def __call__(self, layer_idx, hidden_states, positions):
         if self._scores is None:

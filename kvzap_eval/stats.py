@@ -61,6 +61,23 @@ class CompressionStats:
             ratios.append(sum(per_layer) / len(per_layer))
         return ratios
 
+    def select_rows(self, rows: list[int]) -> CompressionStats:
+        """The statistics of some batch rows only; bytes are shared evenly by the rows of the batch."""
+        layers = []
+        for s in self.layers:
+            share = len(rows) / s.kept.shape[0]
+            layers.append(
+                LayerStats(
+                    kept=s.kept[rows],
+                    evicted=s.evicted[rows],
+                    logical_length=s.logical_length,
+                    physical_length=s.physical_length,
+                    nbytes=round(s.nbytes * share),
+                    full_kv_nbytes=round(s.full_kv_nbytes * share),
+                )
+            )
+        return CompressionStats(layers)
+
     def per_layer_head(self) -> dict[str, torch.Tensor]:
         """Kept and evicted counts as (layers, B, H) tensors."""
         return {

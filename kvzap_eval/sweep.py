@@ -4,6 +4,10 @@ The model is loaded once; each run switches the method and evaluates one (task, 
 fixed-ratio methods can be run at the ratio KVzap achieved on the same (task, length): every comparison is at
 equal compression. Rows are appended and fsync'ed one by one; a rerun skips the rows already in the table, so an
 interrupted sweep loses nothing it finished.
+
+Beyond one process: under `accelerate launch` every run's requests are split over the ranks (rank 0 writes the
+rows); `--shard i/n` evaluates only every n-th (task, length) group of the run list, so n machines can each take a
+shard into their own table, and `kvzap-eval merge` joins the tables without losing or duplicating rows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .atomic import write_text_atomic
 from .errors import ConfigError
 from .methods import DEFAULT_THRESHOLD, FIXED_RATIO_METHODS, MethodConfig
 
@@ -52,6 +57,32 @@ class Run:
         return f"{self.method}|{setting}|{self.task}|{self.length}"
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0 <= index < count): the (task, length) groups whose position % count == index.
+
+    A whole group stays in one shard, so the fixed-ratio runs find their KVzap reference in their own table.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {text!r} must be i/n, e.g. --shard 0/2 and --shard 1/2") from None
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"--shard {text!r}: need 0 <= i < n, e.g. --shard 0/{max(count, 2)}")
+        return cls(index, count)
+
+    def select(self, runs: list[Run]) -> list[Run]:
+        groups = list(dict.fromkeys((run.task, run.length) for run in runs))
+        mine = {group for position, group in enumerate(groups) if position % self.count == self.index}
+        return [run for run in runs if (run.task, run.length) in mine]
+
+
 @dataclass
 class SweepConfig:
     output: Path
@@ -66,6 +97,7 @@ class SweepConfig:
     device: str = "cpu"
     apply_chat_template: bool = True
     model_args: dict = field(default_factory=dict)
+    shard: Shard = field(default_factory=Shard)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
@@ -79,7 +111,7 @@ class SweepConfig:
 
 
 def plan(config: SweepConfig) -> list[Run]:
-    """All runs, threshold methods first (fixed-ratio runs need their achieved ratios)."""
+    """The runs of this shard, threshold methods first (fixed-ratio runs need their achieved ratios)."""
     runs = []
     for task in config.tasks:
         for length in config.lengths:
@@ -93,7 +125,7 @@ def plan(config: SweepConfig) -> list[Run]:
             for method in config.methods:
                 if SWEEP_METHODS[method]["method"] in FIXED_RATIO_METHODS or method in ("snapkv", "kvzip_plus"):
                     runs += [Run(method, task, length, matched_threshold=t) for t in config.thresholds]
-    return runs
+    return config.shard.select(runs)
 
 
 def read_table(path: Path) -> list[dict]:
@@ -116,6 +148,34 @@ def append_row(path: Path, row: dict) -> None:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def merge_tables(output: Path, inputs: list[Path]) -> tuple[int, int]:
+    """Join sweep tables into `output` (kept, then extended): one row per run key, written atomically.
+
+    Returns (rows in the merged table, rows added). The same key with different figures in two tables is an error:
+    it means two different runs were given one name.
+    """
+    merged = {row["key"]: row for row in read_table(output)}
+    before = len(merged)
+    for path in inputs:
+        if not path.exists():
+            raise ConfigError(f"no sweep table at {path}: give the JSONL files the shards wrote")
+        for row in read_table(path):
+            known = merged.get(row["key"])
+            if known is None:
+                merged[row["key"]] = row
+            elif _figures(known) != _figures(row):
+                raise ConfigError(
+                    f"run {row['key']} has different results in {path} and an earlier table: rerun one of them"
+                )
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in merged.values())
+    write_text_atomic(output, text)
+    return len(merged), len(merged) - before
+
+
+def _figures(row: dict) -> tuple:
+    return tuple(row.get(name) for name in ("accuracy", "n", "compression_ratio", "kv_bytes_fraction", "setting_ratio"))
 
 
 def accuracy_of(task_results: dict, length: int) -> float:
@@ -160,7 +220,9 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
     lm = KVzapHFLM(
         pretrained=pretrained, method="full", device=config.device, batch_size=config.batch_size, dtype="float32"
     )
-    for run in tqdm(todo, desc="sweep", unit="run"):
+    done = _from_rank_zero(lm, done)  # under accelerate, rank 0's table decides what is left
+    todo = [run for run in runs if run.key not in done]
+    for run in tqdm(todo, desc="sweep", unit="run", disable=lm.rank != 0):
         lm.set_method(method_config(run, done, config.model_args))
         manager = TaskManager(
             include_path=config.include_path,
@@ -180,21 +242,35 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
             torch_random_seed=0,
             fewshot_random_seed=0,
         )
-        info = lm.get_model_info()["kvzap"]
-        row = {
-            **asdict(run),
-            "key": run.key,
-            "accuracy": accuracy_of(results["results"][run.task], run.length),
-            "n": int(results["n-samples"][run.task]["effective"]),
-            "compression_ratio": info["achieved_compression_ratio"] or 0.0,
-            "kv_bytes_fraction": info["kv_bytes_fraction"],
-            "setting_ratio": lm.method_config.compression_ratio,
-            "seconds": time.perf_counter() - start,
-            "pretrained": pretrained,
-        }
-        append_row(config.output, row)
-        done[run.key] = row
+        row = None
+        if lm.rank == 0:
+            info = lm.get_model_info()["kvzap"]
+            row = {
+                **asdict(run),
+                "key": run.key,
+                "accuracy": accuracy_of(results["results"][run.task], run.length),
+                "n": int(results["n-samples"][run.task]["effective"]),
+                "compression_ratio": info["achieved_compression_ratio"] or 0.0,
+                "kv_bytes_fraction": info["kv_bytes_fraction"],
+                "setting_ratio": lm.method_config.compression_ratio,
+                "seconds": time.perf_counter() - start,
+                "pretrained": pretrained,
+                "ranks": lm.world_size,
+            }
+            append_row(config.output, row)
+        done[run.key] = _from_rank_zero(lm, row)
     return list(done.values())
+
+
+def _from_rank_zero(lm, value):
+    """Rank 0's `value` on every rank of a data-parallel sweep (the value itself in one process)."""
+    if lm.world_size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument(
+        "--model-args",
+        default="",
+        help="method settings for every run, e.g. surrogate=DIR,window=128,backend=onnxruntime",
+    )
+    parser.add_argument(
+        "--shard", default="0/1", help="evaluate shard i of n (i/n, 0-based) of the (task, length) groups; see merge"
+    )
     args = parser.parse_args(argv)
     config = SweepConfig(
         output=args.output,
@@ -225,7 +309,35 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         device=args.device,
         apply_chat_template=not args.no_chat_template,
+        model_args=parse_model_args(args.model_args),
+        shard=Shard.parse(args.shard),
     )
     rows = run_sweep(config)
     print(f"{len(rows)} rows in {config.output}")
+    return 0
+
+
+def parse_model_args(text: str) -> dict:
+    """`name=value,...` method settings, coerced like kvzap_hf's model_args."""
+    from .lm_eval_model import OWN_ARGS, _coerce
+
+    allowed = sorted(set(OWN_ARGS) - {"method", "threshold", "compression_ratio", "protocol", "prefill_chunk"})
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in allowed:
+            raise ConfigError(f"--model-args {item!r}: give name=value with name one of {', '.join(allowed)}")
+        settings[name] = _coerce(name, value)
+    return settings
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvzap-eval merge", description="Join sweep tables (e.g. the shards of a sweep) into one, no duplicates."
+    )
+    parser.add_argument("--output", required=True, type=Path, help="merged JSONL table (kept and extended)")
+    parser.add_argument("tables", nargs="+", type=Path, help="JSONL tables written by kvzap-eval sweep")
+    args = parser.parse_args(argv)
+    total, added = merge_tables(args.output, args.tables)
+    print(f"{total} rows in {args.output} ({added} added)")
     return 0

@@ -73,3 +73,11 @@ def left_padded(batch_lengths: list[int], vocab: int = 128, seed: int = 0):
         ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=g)
         mask[row, width - length :] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer and a surrogate for it, in hub layout (lm-eval tests)."""
+    from .lmeval_helpers import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("lmeval"))

@@ -162,7 +162,8 @@ def test_chat_template_survives(converted):
     model_dir, _, tokenizer = converted
     assert tokenizer.chat_template is not None
     assert tokenizer.chat_template == embedded._gguf_chat_template(embedded.embedded_gguf_path())
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": "hi"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nhi<|im_end|>" in text
 
 

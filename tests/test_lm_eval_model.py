@@ -4,7 +4,6 @@ statistics, the stock `lm_eval` and `kvzap-eval` commands, and bad model_args.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,42 +15,14 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
-from kvzap_eval.embedded import embedded_model_dir  # noqa: E402
 from kvzap_eval.errors import ConfigError  # noqa: E402
 from kvzap_eval.lm_eval_model import KVzapHFLM  # noqa: E402
 from kvzap_eval.protocol import chunk_widths, split_context_question  # noqa: E402
 from kvzap_eval.surrogate import random_surrogate, save_surrogate  # noqa: E402
 
-TASKS = str(Path(__file__).parent / "data" / "lmeval_tasks")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama with the real SmolLM2 tokenizer, and a surrogate for it, written in hub layout."""
-    root = tmp_path_factory.mktemp("lmeval")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    save_surrogate(random_surrogate(config, "mlp", seed=1, scale=4.0), root / "surrogate")
-    return {"model": str(root / "model"), "surrogate": str(root / "surrogate")}
+from .lmeval_helpers import ENV, TASKS  # noqa: E402
 
 
 def make_lm(tiny, **model_args):

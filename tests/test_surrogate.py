@@ -33,8 +33,12 @@ MLP = SurrogateConfig(input_dim=16, output_dim=2, n_modules=3, hidden_dim=4)
 
 def tiny_llama(**overrides) -> LlamaConfig:
     kw = dict(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=3, vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        vocab_size=100,
     )
     kw.update(overrides)
     cfg = LlamaConfig(**kw)

@@ -12,10 +12,10 @@ from kvzap_eval import sweep  # noqa: E402
 from kvzap_eval.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
 from kvzap_eval.sweep import Run, SweepConfig, append_row, plan, read_table, run_sweep  # noqa: E402
 
-from .test_lm_eval_model import TASKS, tiny  # noqa: E402,F401  (the tiny model fixture)
+from .lmeval_helpers import TASKS  # noqa: E402
 
 
-def config_for(tiny, output: Path, **overrides) -> SweepConfig:  # noqa: F811
+def config_for(tiny, output: Path, **overrides) -> SweepConfig:
     settings = dict(
         output=output,
         tasks=["kvzap_tiny_generation"],
@@ -32,14 +32,14 @@ def config_for(tiny, output: Path, **overrides) -> SweepConfig:  # noqa: F811
     return SweepConfig(**settings)
 
 
-def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):  # noqa: F811
+def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):
     runs = plan(config_for(tiny, tmp_path / "t.jsonl", thresholds=[0.0, 1.0]))
     methods = [r.method for r in runs]
     assert methods.index("random") > max(i for i, m in enumerate(methods) if m == "kvzap_mlp")
     assert {r.matched_threshold for r in runs if r.method == "random"} == {0.0, 1.0}
 
 
-def test_sweep_matches_ratios_and_resumes_without_duplicates(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_sweep_matches_ratios_and_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
     config = config_for(tiny, tmp_path / "table.jsonl")
     rows = {r["method"]: r for r in run_sweep(config)}
     assert set(rows) == {"full", "kvzap_mlp", "random"}
@@ -85,7 +85,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
     assert (tmp_path / "report" / "average_1024.png").stat().st_size > 1000
 
 
-def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):  # noqa: F811
+def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):
     baseline = Baseline(
         tasks=["kvzap_tiny_generation"],
         length=1024,

@@ -80,6 +80,9 @@ class _LayerSession:
     """
 
     def __init__(self, ort, path: str, options, device: torch.device, dtype: torch.dtype, heads: int) -> None:
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"onnxruntime runs surrogate layers on cpu or cuda, not on {device}: use backend=torch")
+        self.device = device
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise MissingExtraError("onnxruntime-gpu (CUDA execution provider)", "onnx-gpu")

@@ -46,7 +46,8 @@ class _LayerEngine:
     def __init__(self, trt, engine, device: torch.device) -> None:
         self.engine, self.device = engine, device
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self.contexts = [engine.create_execution_context(strategy) for _ in range(2)]
+        with torch.cuda.device(device):  # contexts belong to the device current at creation
+            self.contexts = [engine.create_execution_context(strategy) for _ in range(2)]
         self.memory = _device_memory_size(engine)
 
     def bind_scratch(self, scratch: torch.Tensor, stream: int) -> None:
@@ -79,12 +80,15 @@ class TensorRTBackend(ScorerBackend):
         engines = build.ensure_engines(onnx_dir, None, self.build_config)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.layers = []
+        self.devices = sorted({device for device, _ in placement}, key=str)
         for i, (path, (device, _)) in enumerate(zip(engines.paths, placement)):
-            engine = self._deserialize(runtime, path)
+            with torch.cuda.device(device):  # an engine lives on the device current when it is deserialized
+                engine = self._deserialize(runtime, path)
             if engine is None:  # the key matched but this TensorRT/GPU refuses the engine: rebuild once
                 print(f"layer {i}: TensorRT could not deserialize {path.name}: rebuilding", file=sys.stderr)
                 path = build.ensure_engines(onnx_dir, None, self.build_config, rebuild={i}).paths[i]
-                engine = self._deserialize(runtime, path)
+                with torch.cuda.device(device):
+                    engine = self._deserialize(runtime, path)
                 if engine is None:
                     raise ArtifactError(f"TensorRT cannot deserialize the engine it just built ({str(path)!r})")
             self.layers.append(_LayerEngine(trt, engine, device))
@@ -118,7 +122,12 @@ class TensorRTBackend(ScorerBackend):
         context.set_input_shape("hidden_states", tuple(x.shape))
         context.set_tensor_address("hidden_states", x.data_ptr())
         context.set_tensor_address("scores", out.data_ptr())
-        if not context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
+        if len(self.devices) > 1:  # model parallel: TensorRT enqueues on the current device, make it this layer's
+            with torch.cuda.device(layer.device):
+                ok = context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream)
+        else:
+            ok = context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream)
+        if not ok:
             raise ArtifactError(f"TensorRT failed to run layer {layer_idx} on input {list(x.shape)}")
         out = out.transpose(1, 2)
         return out if hidden_states.dtype == self.dtype else out.to(hidden_states.dtype)
