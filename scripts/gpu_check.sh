@@ -16,5 +16,5 @@ for name in ("onnxruntime", "tensorrt"):
     except ImportError:
         print(f"{name}: not installed (its GPU tests skip)")
 PY
-python -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider
+python -m pytest -m gpu tests/gpu -q -rsP -p no:cacheprovider  # -P prints the two-GPU split report
 python -m kvzap_eval.cli latency --device cuda --threads 1 --no-layer-fraction --out reports/latency-gpu "$@"

@@ -121,3 +121,44 @@ def test_tensorrt_engine_that_cannot_be_deserialized_is_rebuilt(tensorrt, tmp_pa
     assert "could not deserialize" in capfd.readouterr().err
     x = torch.randn(1, 1, 64, device="cuda")
     torch.testing.assert_close(ours(0, x), surrogate.to("cuda")(0, x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def split_model(tmp_path):
+    """The tiny model loaded with its two decoder layers on cuda:0 and cuda:1 (accelerate moves the activations)."""
+    from transformers import LlamaForCausalLM
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
+                  "model.rotary_emb": 0, "lm_head": 1}  # fmt: skip
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the two-device split needs two GPUs")
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "tensorrt"])
+def test_two_gpu_split_keeps_every_layer_on_its_device_and_equals_one_gpu(tmp_path, backend):
+    from kvzap_eval.surrogate import save_surrogate
+
+    if backend == "onnxruntime":
+        ort = pytest.importorskip("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime has no CUDA execution provider (install onnxruntime-gpu, extra onnx-gpu)")
+    if backend == "tensorrt":
+        pytest.importorskip("tensorrt", reason="TensorRT is not installed (extra trt)")
+    model = split_model(tmp_path)
+    assert [str(device) for device, _ in placement(model)] == ["cuda:0", "cuda:1"]
+    path = str(save_surrogate(surrogate_for(model), tmp_path / "s"))
+    method = build_method(model, surrogate=path, threshold=0.0, window=8, backend=backend)
+    ids, mask = left_padded([60, 41])
+    with compress(model, method) as session:
+        tokens = model.generate(input_ids=ids.cuda(0), attention_mask=mask.cuda(0), max_new_tokens=12, do_sample=False)
+    assert [layer.keys.device.index for layer in session.cache.layers] == [0, 1]
+    backend_layers = getattr(method.scorer.backend, "layers", None) or method.scorer.backend.weights
+    devices = [getattr(layer, "device", None) or layer[0].device for layer in backend_layers]
+    assert [d.index for d in devices] == [0, 1]
+    single = cuda_model()
+    single.load_state_dict({k: v.to("cuda:0") for k, v in model.state_dict().items()})
+    one_tokens, one_kept = generate_with(single, backend, surrogate=path)
+    assert torch.equal(tokens.cpu(), one_tokens.cpu()) and held(session) == one_kept
+    print(f"two-device split ({backend}): layers on cuda:0 and cuda:1, tokens and evictions equal to one GPU")
