@@ -91,11 +91,15 @@ def measure(baseline: Baseline, threshold: float | None = None, latency: bool = 
 
 def _latency_ratio() -> float | None:
     """Best available backend's decode scorer latency / the torch backend's, measured now (None: torch only)."""
-    try:
-        from .latency import best_backend_decode_ratio
-    except ImportError:
+    from .latency import best_backend_decode_ratio
+
+    best = best_backend_decode_ratio()
+    if best is None:
+        print("gate: no scorer backend besides torch is installed here, the latency check is skipped")
         return None
-    return best_backend_decode_ratio()
+    name, ratio = best
+    print(f"gate: best decode backend {name}, {ratio:.3f} x the torch backend's latency")
+    return ratio
 
 
 def compare(baseline: Baseline, measured: Measurement) -> list[str]:

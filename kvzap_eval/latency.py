@@ -375,6 +375,25 @@ def write_report(report: Report, out: Path) -> list[Path]:
     return paths
 
 
+def best_backend_decode_ratio(surrogate: str = "smollm2-mlp", threads: int = 1, min_run_time: float = 1.0,
+                              rounds: int = 5, device: str = "cpu") -> tuple[str, float] | None:  # fmt: skip
+    """(backend, its decode scorer latency / the torch backend's) for the fastest non-torch backend available here,
+    both timed interleaved in this process ("decode, same layer"); None when only torch can run."""
+    case = make_case(surrogate)
+    dev = torch.device(device)
+    torch.set_num_threads(threads)
+    scorers = available_backends(case, threads, dev, None)
+    scorers.pop(REFERENCE)
+    others = [name for name in scorers if name != "torch"]
+    if "torch" not in scorers or not others:
+        return None
+    hidden = _phases(case, [], dev)[0][1]
+    seconds = time_interleaved({n: (lambda f=f: f(0, hidden)) for n, f in scorers.items()}, threads, min_run_time,
+                               rounds, dev)  # fmt: skip
+    best = min(others, key=seconds.__getitem__)
+    return best, seconds[best] / seconds["torch"]
+
+
 def run_latency(cases: Sequence[Case], threads: Sequence[int], prefill: Sequence[int], min_run_time: float = 0.5,
                 rounds: int = 3, device: str = "cpu", backends: Sequence[str] | None = None,
                 layer_fraction: bool = True) -> Report:  # fmt: skip
