@@ -94,3 +94,12 @@ def test_onnxruntime_sessions_follow_their_layers(split_model, tmp_path, monkeyp
     model.model.layers[1].float()  # onnxruntime runs fp32 on CPU
     method = build_method(model, surrogate=surrogate_dir, threshold=0.0, backend="onnxruntime")
     assert [session.device for session in method.scorer.backend.layers] == [d for d, _ in placement(model)]
+
+
+def test_kvzap_hf_with_parallelize_places_the_scorer_per_layer(tiny):
+    pytest.importorskip("lm_eval")
+    from kvzap_eval.lm_eval_model import KVzapHFLM
+
+    lm = KVzapHFLM(pretrained=tiny["model"], surrogate=tiny["surrogate"], parallelize=True, dtype="float32")
+    weights = lm.method.scorer.backend.weights
+    assert [(w[0].device, w[0].dtype) for w in weights] == placement(lm.model)
