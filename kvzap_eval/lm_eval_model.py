@@ -251,6 +251,7 @@ class KVzapHFLM(HFLM):
                 attention_mask=batch.attention_mask[:, :end],
                 position_ids=_positions(batch.attention_mask)[:, start:end],
                 use_cache=True,
+                logits_to_keep=1,  # the context's logits are not needed: no (tokens x vocab) tensor
                 **{cache_kwarg: cache},
             )
             start = end
@@ -300,6 +301,7 @@ class KVzapHFLM(HFLM):
                 attention_mask=ctx_mask,
                 position_ids=positions[:, : ctx_ids.shape[1]],
                 use_cache=True,
+                logits_to_keep=1,
                 **kwarg,
             ).logits[:, -1:]
             logits = [first]
