@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
-from .methods import DEFAULT_THRESHOLD, FIXED_RATIO_METHODS, MethodConfig
+from .methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
 
 #: Sweep method names -> MethodConfig settings. Threshold methods take taus, the others KVzap's achieved ratios.
 SWEEP_METHODS = {
@@ -89,7 +89,7 @@ class SweepConfig:
     tasks: list[str]
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     methods: list[str] = field(default_factory=lambda: ["full", "kvzap_mlp", "random", "streaming"])
-    thresholds: list[float] = field(default_factory=lambda: [DEFAULT_THRESHOLD])
+    thresholds: list[float] | None = None  # None: the tau recommended for the model's MLP surrogate
     limit: int | None = None
     include_path: str = "tasks"
     pretrained: str | None = None
@@ -100,6 +100,8 @@ class SweepConfig:
     shard: Shard = field(default_factory=Shard)
 
     def __post_init__(self) -> None:
+        if self.thresholds is None:
+            self.thresholds = [recommended_threshold(self.pretrained, self.model_args.get("surrogate"))]
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
         if unknown:
             raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
@@ -108,6 +110,17 @@ class SweepConfig:
             and REFERENCE not in self.methods
         ):
             raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
+
+
+def recommended_threshold(pretrained: str | None, surrogate: str | None) -> float:
+    """The tau that `kvzap_hf` uses by default for this model: its MLP surrogate's recommended one, else -4."""
+    from types import SimpleNamespace
+
+    from .embedded import resolve_pretrained
+    from .surrogate import resolve_surrogate_source
+
+    model_config = SimpleNamespace(name_or_path=resolve_pretrained(pretrained))
+    return default_threshold(resolve_surrogate_source(model_config, surrogate, "mlp"))
 
 
 def plan(config: SweepConfig) -> list[Run]:
@@ -281,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", nargs="+", default=["full", "kvzap_mlp", "random", "streaming"], choices=list(SWEEP_METHODS)
     )
-    parser.add_argument("--thresholds", nargs="+", type=float, default=[DEFAULT_THRESHOLD])
+    parser.add_argument(
+        "--thresholds", nargs="+", type=float, default=None, help="KVzap taus (default: the surrogate's recommended)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="samples per task and length")
     parser.add_argument("--include-path", default="tasks")
     parser.add_argument("--pretrained", default=None, help="model (default: the embedded SmolLM2)")

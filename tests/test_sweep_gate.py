@@ -83,6 +83,38 @@ def test_report_writes_markdown_and_plots(tmp_path):
     text = path.read_text()
     assert "| kvzap_mlp | tau=-4.0 | 0.600 | 85.0 | 20 |" in text
     assert (tmp_path / "report" / "average_1024.png").stat().st_size > 1000
+    # the targets are said plainly: no tau reaches 3x here, random is 65 points below, streaming and KVzip+ unmeasured
+    assert "no tau measured reaches 3x" in text and "MISSED (target: >= 3x within 2 points)" in text
+    assert "random at ratio 0.600: 20.0, +65.0 points below KVzap: met" in text
+    assert "streaming at the same ratio: not measured" in text and "n >= 50: MISSED" in text
+
+
+def test_report_targets_met_at_three_x():
+    from kvzap_eval.report import targets
+
+    def row(method, ratio, acc, tau=None, matched=None):
+        return {"method": method, "length": 1024, "compression_ratio": ratio, "accuracy": acc,
+                "threshold": tau, "matched_threshold": matched}  # fmt: skip
+
+    average = [row("full", 0.0, 0.80), row("kvzap_mlp", 0.70, 0.79, tau=-2.5), row("kvzap_mlp", 0.5, 0.80, tau=-4.0),
+               row("kvzip_plus", 0.70, 0.84, matched=-2.5)]  # fmt: skip
+    lines = targets(average, 1024)
+    assert "tau=-2.5 at 3.33x" in lines[0] and lines[0].endswith("met (within 2)")
+    assert lines[-1].endswith("MISSED (target: KVzap within 3 points of KVzip+)")
+
+
+def test_sweep_defaults_to_the_surrogates_recommended_threshold(tiny, tmp_path):
+    from kvzap_eval.methods import default_threshold
+
+    config = config_for(tiny, tmp_path / "t.jsonl", thresholds=None)
+    assert config.thresholds == [default_threshold(tiny["surrogate"])]
+    # the embedded SmolLM2: the shipped MLP surrogate's training report decides (not the generic -4)
+    from kvzap_eval.surrogate import shipped_surrogate
+    from kvzap_eval.sweep import recommended_threshold
+    from kvzap_eval.training_report import recommended_threshold as from_report
+
+    shipped = shipped_surrogate("SmolLM2-135M-Instruct", "mlp")
+    assert recommended_threshold(None, None) == from_report(shipped) != -4.0
 
 
 def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):
