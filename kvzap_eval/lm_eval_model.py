@@ -118,6 +118,7 @@ class KVzapHFLM(HFLM):
         self.method = build_method(self.model, self.method_config, tokenizer=self.tokenizer)
         self._question_tokens: dict[tuple[int, ...], tuple[int, str | None, str]] = {}
         self._padding: Counter = Counter()  # request key -> copies lm-eval added to even out the ranks
+        self._rolling_windows: int | None = None  # rolling loglikelihood with several ranks: real windows left
         self.run_stats = RunStats()  # this process's requests
         self._all_ranks_stats: RunStats | None = None  # rank 0: every rank's, gathered at each barrier
 
@@ -151,17 +152,9 @@ class KVzapHFLM(HFLM):
         run would differ from one process's.
         """
         self._padding = Counter()
-        if self.world_size <= 1 or not requests:
-            return
-        last = requests[-1]
-        trailing = 0
-        for request in reversed(requests):
-            if request is not last:
-                break
-            trailing += 1
-        extra = trailing - max(1, getattr(last, "repeats", 1))
+        extra = _padding_copies(requests) if self.world_size > 1 else 0
         if extra > 0:
-            self._padding[key(last)] = extra
+            self._padding[key(requests[-1])] = extra
 
     def barrier(self) -> None:
         """lm-eval's synchronisation point after each request type, on every rank: also gather the statistics."""
@@ -262,6 +255,27 @@ class KVzapHFLM(HFLM):
         self._note_padding(requests, lambda request: tuple(request.args))
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """HFLM's rolling loglikelihood; with several ranks, the statistics count the real windows only.
+
+        lm-eval evens out the ranks twice here: copies of the last request, then copies of the first window appended
+        after all the real windows. Windows run in order, so counting the real ones is enough to skip the rest.
+        """
+        self._rolling_windows = None
+        if self.world_size > 1 and requests:
+            from lm_eval.utils import get_rolling_token_windows
+
+            real = requests[: len(requests) - _padding_copies(requests)]
+            self._rolling_windows = sum(
+                sum(1 for _ in get_rolling_token_windows(self.tok_encode(r.args[0]), self.prefix_token_id,
+                                                         self.max_length, 1))
+                for r in real
+            )  # fmt: skip
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._rolling_windows = None
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         size = self.batch_size if isinstance(self.batch_size, int) else 1
@@ -335,10 +349,16 @@ class KVzapHFLM(HFLM):
         for (_, uid, _), ratio in zip(rows, stats.per_row_compression_ratio()):
             if uid is not None:
                 sample_stats.record(uid, ratio)
-        keep = [self._padding.get(key, 0) == 0 for key, _, _ in rows]
+        keep = []
         for key, _, _ in rows:
-            if self._padding.get(key, 0) > 0:
+            if key is None and self._rolling_windows is not None:  # a rolling window
+                keep.append(self._rolling_windows > 0)
+                self._rolling_windows -= 1
+            elif self._padding.get(key, 0) > 0:  # a copy lm-eval added to even out the ranks
+                keep.append(False)
                 self._padding[key] -= 1
+            else:
+                keep.append(True)
         if not any(keep):
             return
         if not all(keep):
@@ -359,6 +379,20 @@ class KVzapHFLM(HFLM):
             **run_stats.summary(),
         }
         return info
+
+
+def _padding_copies(requests) -> int:
+    """How many copies of the last request lm-eval appended to even out the ranks (each request appears `repeats`
+    times in a row; the padding adds whole copies of the last one)."""
+    if not requests:
+        return 0
+    last = requests[-1]
+    trailing = 0
+    for request in reversed(requests):
+        if request is not last:
+            break
+        trailing += 1
+    return max(0, trailing - max(1, getattr(last, "repeats", 1)))
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,12 @@ def process_generation(doc: dict, results: list[str]) -> dict:
         "string_match": float(doc["answer"].lower() in results[0].lower()),
         "kv_compression": lookup(doc["kvzap_uid"]),
     }
+
+
+def make_rolling(num_samples: int = 4, **kwargs) -> dict:
+    """Texts of one to several of the tiny model's 1,024-position windows; uneven, so that over two ranks lm-eval
+    pads both with request copies and with extra windows."""
+    rng = random.Random(2)
+    words = [300, 1500, 300, 900]
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(words[i % 4]))} for i in range(num_samples)]
+    return {"test": datasets.Dataset.from_list(rows)}
