@@ -94,16 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     def rss_at(fraction: float) -> int:
         return next(r for _, d, r in samples if d >= fraction * total)
 
+    # the generation phase: from 10 % of the requests to the first sample that saw them all (afterwards lm-eval
+    # scores, writes and exits, and frees memory)
+    end = next(i for i, (_, d, _) in enumerate(samples) if d >= total)
+    during = [r for _, d, r in samples[: end + 1] if d >= 0.10 * total]
     reference = rss_at(0.10)
-    after = [r for _, d, r in samples if d >= 0.10 * total]
     result = {
         "command": " ".join(command[1:]),
         "requests": total,
         "seconds": samples[-1][0],
         "rss_mib_at_fraction_of_requests": {f"{p:.2f}": rss_at(p) / 2**20 for p in (0.10, 0.25, 0.5, 0.75, 1.0)},
-        "max_deviation_from_10pct": max(abs(r - reference) for r in after) / reference,
+        "max_deviation_from_10pct": max(abs(r - reference) for r in during) / reference,
+        "growth_10pct_to_end": (rss_at(1.0) - reference) / reference,
         "peak_rss_mib": max(r for _, _, r in samples) / 2**20,
-        "series": [{"s": round(s, 1), "requests": d, "rss_mib": round(r / 2**20, 1)} for s, d, r in samples[::10]],
+        "rss_mib_after_generation": samples[-1][2] / 2**20,
+        "series": [{"s": round(s, 1), "requests": d, "rss_mib": round(r / 2**20, 1)} for s, d, r in samples],
     }
     write_json_atomic(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "series"}, indent=2))
