@@ -35,9 +35,10 @@ SWEEP_METHODS = {
     "random": {"method": "random"},
     "streaming": {"method": "streaming"},
     "snapkv": {"method": "snapkv"},
-    "kvzip_plus": {"method": "kvzip_plus"},
+    "kvzip_plus": {"method": "kvzip_plus"},  # the oracle at KVzap's ratio, AdaKV policy (as kvzap_adakv)
+    "kvzip_plus_threshold": {"method": "kvzip_plus"},  # the oracle's own scores under KVzap's threshold policy
 }
-THRESHOLD_METHODS = ("kvzap_mlp", "kvzap_linear")
+THRESHOLD_METHODS = ("kvzap_mlp", "kvzap_linear", "kvzip_plus_threshold")
 REFERENCE = "kvzap_mlp"  # the method whose achieved ratios the fixed-ratio methods are matched to
 
 

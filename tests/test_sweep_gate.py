@@ -98,7 +98,7 @@ def test_report_targets_met_at_three_x():
                 "threshold": tau, "matched_threshold": matched}  # fmt: skip
 
     average = [row("full", 0.0, 0.80), row("kvzap_mlp", 0.70, 0.79, tau=-2.5), row("kvzap_mlp", 0.5, 0.80, tau=-4.0),
-               row("kvzip_plus", 0.70, 0.84, matched=-2.5)]  # fmt: skip
+               row("kvzip_plus_threshold", 0.70, 0.84, tau=-2.5)]  # fmt: skip
     lines = targets(average, 1024)
     assert "tau=-2.5 at 3.33x" in lines[0] and lines[0].endswith("met (within 2)")
     assert lines[-1].endswith("MISSED (target: KVzap within 3 points of KVzip+)")
@@ -150,3 +150,12 @@ def test_gate_flags_accuracy_and_latency_regressions():
     assert compare(baseline, Measurement({"t": 0.7}, {"t": 0.61}, 0.25)) == []
     failures = compare(baseline, Measurement({"t": 0.6}, {"t": 0.6}, 0.4))
     assert len(failures) == 2 and "accuracy" in failures[0] and "latency" in failures[1]
+
+
+def test_kvzip_plus_threshold_runs_the_oracle_under_kvzaps_policy(tiny, tmp_path):
+    config = config_for(tiny, tmp_path / "t.jsonl", methods=["kvzap_mlp", "kvzip_plus_threshold"], thresholds=[-2.5])
+    runs = plan(config)
+    oracle = [r for r in runs if r.method == "kvzip_plus_threshold"]
+    assert [(r.threshold, r.matched_threshold) for r in oracle] == [(-2.5, None)]
+    settings = sweep.method_config(oracle[0], {}, {})
+    assert (settings.method, settings.threshold, settings.compression_ratio) == ("kvzip_plus", -2.5, None)
