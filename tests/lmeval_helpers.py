@@ -38,3 +38,23 @@ def write_tiny_model(root: Path) -> dict:
     tokenizer.save_pretrained(root / "model")
     save_surrogate(random_surrogate(config, "mlp", seed=1, scale=4.0), root / "surrogate")
     return {"model": str(root / "model"), "surrogate": str(root / "surrogate")}
+
+
+def sweep_config(tiny: dict, output: Path, **overrides):
+    """A sweep of the tiny model over the tiny generation task: full, KVzap at tau 0 and random at its ratio."""
+    from kvzap_eval.sweep import SweepConfig
+
+    settings = dict(
+        output=output,
+        tasks=["kvzap_tiny_generation"],
+        lengths=[1024],
+        methods=["full", "kvzap_mlp", "random"],
+        thresholds=[0.0],
+        limit=3,
+        include_path=TASKS,
+        pretrained=tiny["model"],
+        model_args={"surrogate": tiny["surrogate"], "window": 8},
+        apply_chat_template=False,
+    )
+    settings.update(overrides)
+    return SweepConfig(**settings)

@@ -19,9 +19,10 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from kvzap_eval.errors import ConfigError  # noqa: E402
-from kvzap_eval.sweep import Shard, SweepConfig, merge_tables, read_table, run_sweep  # noqa: E402
+from kvzap_eval.sweep import Shard, merge_tables, read_table, run_sweep  # noqa: E402
 
 from .lmeval_helpers import ENV, TASKS  # noqa: E402
+from .lmeval_helpers import sweep_config as tiny_sweep  # noqa: E402
 
 BIN = Path(sys.executable).parent
 #: lengths are labels for the tiny tasks (they ignore them): two (task, length) groups to shard
@@ -124,23 +125,6 @@ def test_accelerate_data_parallel_equals_one_process(tiny, tmp_path):
     assert kv_two["scorer_calls_per_layer"] == kv_one["scorer_calls_per_layer"]
 
 
-def sweep_config(tiny, output: Path, **overrides) -> SweepConfig:
-    settings = dict(
-        output=output,
-        tasks=["kvzap_tiny_generation"],
-        lengths=LENGTHS,
-        methods=["full", "kvzap_mlp", "random"],
-        thresholds=[0.0],
-        limit=3,
-        include_path=TASKS,
-        pretrained=tiny["model"],
-        model_args={"surrogate": tiny["surrogate"], "window": 8},
-        apply_chat_template=False,
-    )
-    settings.update(overrides)
-    return SweepConfig(**settings)
-
-
 FIGURES = ("accuracy", "n", "compression_ratio", "kv_bytes_fraction", "setting_ratio")
 
 
@@ -149,11 +133,11 @@ def figures(rows: list[dict]) -> dict[str, tuple]:
 
 
 def test_shards_merge_into_the_unsharded_table_without_duplicates(tiny, tmp_path):
-    whole = run_sweep(sweep_config(tiny, tmp_path / "whole.jsonl"))
+    whole = run_sweep(tiny_sweep(tiny, tmp_path / "whole.jsonl", lengths=LENGTHS))
     shard_rows = []
     for index in range(2):
         path = tmp_path / f"shard{index}.jsonl"
-        shard_rows.append(run_sweep(sweep_config(tiny, path, shard=Shard(index, 2))))
+        shard_rows.append(run_sweep(tiny_sweep(tiny, path, lengths=LENGTHS, shard=Shard(index, 2))))
     assert {row["length"] for row in shard_rows[0]} == {512} and {row["length"] for row in shard_rows[1]} == {1024}
     merged = tmp_path / "merged.jsonl"
     assert merge_tables(merged, [tmp_path / "shard0.jsonl", tmp_path / "shard1.jsonl"]) == (6, 6)
@@ -171,7 +155,7 @@ def test_shards_merge_into_the_unsharded_table_without_duplicates(tiny, tmp_path
 
 
 def test_accelerate_sweep_equals_one_process(tiny, tmp_path):
-    single = run_sweep(sweep_config(tiny, tmp_path / "one.jsonl", lengths=[1024]))
+    single = run_sweep(tiny_sweep(tiny, tmp_path / "one.jsonl"))
     launch(
         "-m", "kvzap_eval", "sweep", "--output", str(tmp_path / "two.jsonl"), "--tasks", "kvzap_tiny_generation",
         "--lengths", "1024", "--methods", "full", "kvzap_mlp", "random", "--thresholds", "0", "--limit", "3",

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("lm_eval")
 
 from kvzap_eval import sweep  # noqa: E402
 from kvzap_eval.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
-from kvzap_eval.sweep import Run, SweepConfig, append_row, plan, read_table, run_sweep  # noqa: E402
+from kvzap_eval.sweep import Run, append_row, plan, read_table, run_sweep  # noqa: E402
 
 from .lmeval_helpers import TASKS  # noqa: E402
-
-
-def config_for(tiny, output: Path, **overrides) -> SweepConfig:
-    settings = dict(
-        output=output,
-        tasks=["kvzap_tiny_generation"],
-        lengths=[1024],
-        methods=["full", "kvzap_mlp", "random"],
-        thresholds=[0.0],
-        limit=3,
-        include_path=TASKS,
-        pretrained=tiny["model"],
-        model_args={"surrogate": tiny["surrogate"], "window": 8},
-        apply_chat_template=False,
-    )
-    settings.update(overrides)
-    return SweepConfig(**settings)
+from .lmeval_helpers import sweep_config as config_for  # noqa: E402
 
 
 def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):
