@@ -191,7 +191,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 def write_report(table: Path, out_dir: Path, command: str) -> Path:
     """Write `README.md` and PNG plots for `table` into `out_dir`; returns the markdown path."""
-    rows = read_table(table)
+    rows = list({row["key"]: row for row in read_table(table)}.values())  # one row per run (sweeps may overlap)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, command)
     images = []
