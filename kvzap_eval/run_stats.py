@@ -46,12 +46,14 @@ class RunStats:
         self.kv_bytes += stats.nbytes
         self.full_kv_bytes += stats.full_kv_nbytes
         for phase in PHASES:
-            seconds, calls = timer.seconds[phase], timer.calls[phase]
-            total_s = self.scorer_seconds.setdefault(phase, [0.0] * len(seconds))
-            total_c = self.scorer_calls.setdefault(phase, [0] * len(calls))
-            for layer, (s, c) in enumerate(zip(seconds, calls)):
-                total_s[layer] += s
-                total_c[layer] += c
+            self._add_timings(phase, timer.seconds[phase], timer.calls[phase])
+
+    def _add_timings(self, phase: str, seconds: list[float], calls: list[int]) -> None:
+        total_s = self.scorer_seconds.setdefault(phase, [0.0] * len(seconds))
+        total_c = self.scorer_calls.setdefault(phase, [0] * len(calls))
+        for layer, (s, c) in enumerate(zip(seconds, calls)):
+            total_s[layer] += s
+            total_c[layer] += c
 
     @classmethod
     def merged(cls, parts: list[RunStats]) -> RunStats:
@@ -62,11 +64,7 @@ class RunStats:
             total.kv_bytes += part.kv_bytes
             total.full_kv_bytes += part.full_kv_bytes
             for phase, seconds in part.scorer_seconds.items():
-                into_s = total.scorer_seconds.setdefault(phase, [0.0] * len(seconds))
-                into_c = total.scorer_calls.setdefault(phase, [0] * len(seconds))
-                for layer, (s, c) in enumerate(zip(seconds, part.scorer_calls[phase])):
-                    into_s[layer] += s
-                    into_c[layer] += c
+                total._add_timings(phase, seconds, part.scorer_calls[phase])
         return total
 
     def summary(self) -> dict:
