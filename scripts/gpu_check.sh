@@ -4,7 +4,7 @@
 # Usage: bash scripts/gpu_check.sh [extra `kvzap-eval latency` options]   (or: tox -e gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python - <<'PY'
+"${PYTHON:-python}" - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device visible to torch: this check needs a GPU and a CUDA build of torch"
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
@@ -16,5 +16,7 @@ for name in ("onnxruntime", "tensorrt"):
     except ImportError:
         print(f"{name}: not installed (its GPU tests skip)")
 PY
-python -m pytest -m gpu tests/gpu -q -rsP -p no:cacheprovider  # -P prints the two-GPU split report
-python -m kvzap_eval.cli latency --device cuda --threads 1 --no-layer-fraction --out reports/latency-gpu "$@"
+status=0  # a failing test still leaves the latency table to be measured; the script exits with the tests' status
+"${PYTHON:-python}" -m pytest -m gpu tests/gpu -q -rsP -p no:cacheprovider || status=$?  # -P: two-GPU split report
+"${PYTHON:-python}" -m kvzap_eval.cli latency --device cuda --threads 1 --no-layer-fraction --out reports/latency-gpu "$@"
+exit $status
