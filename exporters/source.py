@@ -87,8 +87,9 @@ def load_source(
     """Load a surrogate (fp32, eval mode) from a hub id, a checkpoint directory or memory, with its provenance."""
     if isinstance(source, KVzapSurrogate):
         surrogate = source
-        if any(p.dtype != torch.float32 for p in source.parameters()):  # never cast the caller's module in place
-            surrogate = copy.deepcopy(source).float()
+        # never cast or move the caller's module in place; export and validation run in fp32 on the CPU
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in source.parameters()):
+            surrogate = copy.deepcopy(source).float().cpu()
         surrogate.eval()
         name = surrogate.source or f"<in memory {surrogate.model_type}>"
         return surrogate, SourceInfo(name, weights_sha256(surrogate))

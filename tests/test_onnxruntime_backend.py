@@ -227,3 +227,14 @@ def test_missing_onnxruntime_names_the_extra(setup, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     with pytest.raises(MissingExtraError, match=r"onnxruntime is not installed: pip install 'kvzap-eval\[onnx\]'"):
         make_backend("onnxruntime", surrogate, placement(model), exports["fp32"])
+
+
+def test_cuda_layers_without_the_cuda_provider_are_refused_before_any_export(setup, tmp_path, monkeypatch):
+    """Found on an H200 with the CPU-only onnxruntime: the backend exported first and failed inside the exporter."""
+    model, surrogate, _, _ = setup
+    monkeypatch.setenv("KVZAP_EVAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(ortb.import_onnxruntime(), "get_available_providers", lambda: ["CPUExecutionProvider"])
+    cuda = [(torch.device("cuda", 0), torch.float32)] * surrogate.config.n_modules
+    with pytest.raises(MissingExtraError, match=r"onnxruntime-gpu .*kvzap-eval\[onnx-gpu\]"):
+        make_backend("onnxruntime", surrogate, cuda)
+    assert list(tmp_path.iterdir()) == [], "nothing may be exported for a backend that cannot run"

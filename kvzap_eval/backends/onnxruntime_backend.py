@@ -71,6 +71,14 @@ def export_dtype_for(placement: Placement) -> str:
     return "fp16" if dtypes == {torch.float16} else "fp32"
 
 
+def check_device(ort, device: torch.device) -> None:
+    """Refuse a device this onnxruntime cannot run a layer on (checked before anything is exported)."""
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"onnxruntime runs surrogate layers on cpu or cuda, not on {device}: use backend=torch")
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MissingExtraError("onnxruntime-gpu (CUDA execution provider)", "onnx-gpu")
+
+
 class _LayerSession:
     """One layer's session and IO binding, bound to torch tensors by pointer on every call.
 
@@ -80,12 +88,9 @@ class _LayerSession:
     """
 
     def __init__(self, ort, path: str, options, device: torch.device, dtype: torch.dtype, heads: int) -> None:
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"onnxruntime runs surrogate layers on cpu or cuda, not on {device}: use backend=torch")
+        check_device(ort, device)
         self.device = device
         if device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MissingExtraError("onnxruntime-gpu (CUDA execution provider)", "onnx-gpu")
             index = device.index if device.index is not None else torch.cuda.current_device()
             stream = torch.cuda.current_stream(index).cuda_stream
             providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
@@ -148,6 +153,8 @@ class OnnxRuntimeBackend(ScorerBackend):
         settings: OrtSettings | None = None,
     ) -> None:
         ort = import_onnxruntime()
+        for device in dict.fromkeys(device for device, _ in placement):
+            check_device(ort, device)
         settings = settings or OrtSettings()
         self.threads = settings.threads or torch.get_num_threads()
         dtype = settings.dtype or export_dtype_for(placement)

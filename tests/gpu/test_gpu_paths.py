@@ -162,3 +162,16 @@ def test_two_gpu_split_keeps_every_layer_on_its_device_and_equals_one_gpu(tmp_pa
     one_tokens, one_kept = generate_with(single, backend, surrogate=path)
     assert torch.equal(tokens.cpu(), one_tokens.cpu()) and held(session) == one_kept
     print(f"two-device split ({backend}): layers on cuda:0 and cuda:1, tokens and evictions equal to one GPU")
+
+
+def test_onnx_export_of_a_surrogate_on_the_gpu_equals_its_cpu_export(tmp_path):
+    """Found on an H200: tracing a surrogate whose weights are on the GPU mixed devices inside torch.export."""
+    pytest.importorskip("onnxruntime")
+    from exporters.onnx import main_export
+
+    surrogate = surrogate_for(tiny_model())
+    on_cpu = main_export(surrogate, tmp_path / "cpu", dtype="fp32", hidden_states_model=None)
+    on_gpu = main_export(surrogate.to("cuda"), tmp_path / "cuda", dtype="fp32", hidden_states_model=None)
+    for layer in on_cpu.manifest.layers:
+        assert (on_gpu.directory / layer.file).read_bytes() == (on_cpu.directory / layer.file).read_bytes()
+    assert next(surrogate.parameters()).device.type == "cuda", "the caller's surrogate stays where it was"

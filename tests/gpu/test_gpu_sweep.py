@@ -16,9 +16,7 @@ DEVICES = tuple(os.environ.get("KVZAP_SWEEP_DEVICES", "cpu,cuda").split(","))  #
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(
-        "cuda" in DEVICES and not torch.cuda.is_available(), reason="no CUDA device visible to torch"
-    ),
+    pytest.mark.skipif("cuda" in DEVICES and not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
 ]
 
 
