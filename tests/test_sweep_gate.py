@@ -76,8 +76,9 @@ def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
     from kvzap_eval.report import targets
 
     def rows(method, ratio, accuracies, tau=None, matched=None):
-        return [{"method": method, "length": 1024, "compression_ratio": ratio, "accuracy": acc, "task": task,
-                 "threshold": tau, "matched_threshold": matched, "n": 50} for task, acc in accuracies.items()]  # fmt: skip
+        setting = {"method": method, "length": 1024, "compression_ratio": ratio, "threshold": tau, "n": 50}
+        setting["matched_threshold"] = matched
+        return [{**setting, "accuracy": acc, "task": task} for task, acc in accuracies.items()]
 
     table = (
         rows("full", 0.0, {"a": 0.80, "b": 0.80})
