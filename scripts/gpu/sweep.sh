@@ -13,10 +13,12 @@ start=$SECONDS
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 export KVZAP_EVAL_CACHE=/tmp/kvz/cache
 gguf=/tmp/kvz/SmolLM2-135M-Instruct.Q4_1.gguf
-cat /tmp/kvz/gguf.part1 .gpu/p2/gguf.part2 > "$gguf" || exit 1
-[ "$(sha256sum < "$gguf" | cut -d' ' -f1)" = "$(cut -d' ' -f1 .gpu/p2/gguf.sha256)" ] || { echo "GGUF damaged"; exit 1; }
-python3 -c "from pathlib import Path; from kvzap_eval.embedded import _convert
+if [ ! -f "$KVZAP_EVAL_CACHE/SmolLM2-135M-Instruct/.kvzap-eval-complete" ]; then  # a rerun resumes: convert once
+  cat /tmp/kvz/gguf.part1 .gpu/p2/gguf.part2 > "$gguf" || exit 1
+  [ "$(sha256sum < "$gguf" | cut -d' ' -f1)" = "$(cut -d' ' -f1 .gpu/p2/gguf.sha256)" ] || { echo "GGUF damaged"; exit 1; }
+  python3 -c "from pathlib import Path; from kvzap_eval.embedded import _convert
 _convert(Path('$gguf'), Path('$KVZAP_EVAL_CACHE/SmolLM2-135M-Instruct'))" || exit 1
+fi
 echo "model ready after $((SECONDS - start)) s"
 tasks="kvzap_niah_single_repeat kvzap_niah_single_essay kvzap_niah_multikey kvzap_niah_multivalue
   kvzap_niah_multiquery kvzap_vt kvzap_cwe kvzap_kv kvzap_qa"
