@@ -39,6 +39,8 @@ SWEEP_METHODS = {
     "kvzip_plus_threshold": {"method": "kvzip_plus"},  # the oracle's own scores under KVzap's threshold policy
 }
 THRESHOLD_METHODS = ("kvzap_mlp", "kvzap_linear", "kvzip_plus_threshold")
+#: Sweep methods run at the compression ratio KVzap-MLP achieved on the same task and length.
+MATCHED_METHODS = tuple(m for m, s in SWEEP_METHODS.items() if s["method"] in FIXED_RATIO_METHODS) + ("kvzip_plus",)
 REFERENCE = "kvzap_mlp"  # the method whose achieved ratios the fixed-ratio methods are matched to
 
 
@@ -106,10 +108,7 @@ class SweepConfig:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
         if unknown:
             raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
-        if (
-            any(SWEEP_METHODS[m]["method"] in FIXED_RATIO_METHODS for m in self.methods)
-            and REFERENCE not in self.methods
-        ):
+        if any(m in MATCHED_METHODS for m in self.methods) and REFERENCE not in self.methods:
             raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
 
 
@@ -137,7 +136,7 @@ def plan(config: SweepConfig) -> list[Run]:
     for task in config.tasks:
         for length in config.lengths:
             for method in config.methods:
-                if SWEEP_METHODS[method]["method"] in FIXED_RATIO_METHODS or method in ("snapkv", "kvzip_plus"):
+                if method in MATCHED_METHODS:
                     runs += [Run(method, task, length, matched_threshold=t) for t in config.thresholds]
     return config.shard.select(runs)
 
@@ -212,8 +211,7 @@ def method_config(run: Run, done: dict[str, dict], model_args: dict) -> MethodCo
         reference = done.get(Run(REFERENCE, run.task, run.length, threshold=run.matched_threshold).key)
         if reference is None:
             raise ConfigError(f"run {run.key} needs the {REFERENCE} run at tau={run.matched_threshold} first")
-        if settings["method"] in FIXED_RATIO_METHODS or settings["method"] in ("snapkv", "kvzip_plus"):
-            settings["compression_ratio"] = min(0.999, reference["compression_ratio"])
+        settings["compression_ratio"] = min(0.999, reference["compression_ratio"])
     return MethodConfig(**settings)
 
 

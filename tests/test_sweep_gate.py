@@ -21,6 +21,18 @@ def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):
     assert {r.matched_threshold for r in runs if r.method == "random"} == {0.0, 1.0}
 
 
+@pytest.mark.parametrize("method", ["random", "snapkv", "kvzap_adakv", "kvzip_plus"])
+def test_matched_ratio_methods_without_their_kvzap_reference_are_refused(tiny, tmp_path, method):
+    from kvzap_eval.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="matched to kvzap_mlp's achieved ratios: add kvzap_mlp"):
+        config_for(tiny, tmp_path / "t.jsonl", methods=["full", method])
+    assert {r.method for r in plan(config_for(tiny, tmp_path / "t.jsonl", methods=["kvzap_mlp", method]))} == {
+        "kvzap_mlp",
+        method,
+    }
+
+
 def test_sweep_matches_ratios_and_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
     config = config_for(tiny, tmp_path / "table.jsonl")
     rows = {r["method"]: r for r in run_sweep(config)}
