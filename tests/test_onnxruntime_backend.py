@@ -238,3 +238,17 @@ def test_cuda_layers_without_the_cuda_provider_are_refused_before_any_export(set
     with pytest.raises(MissingExtraError, match=r"onnxruntime-gpu .*kvzap-eval\[onnx-gpu\]"):
         make_backend("onnxruntime", surrogate, cuda)
     assert list(tmp_path.iterdir()) == [], "nothing may be exported for a backend that cannot run"
+
+
+def test_an_automatic_export_that_fails_validation_says_it_was_discarded(setup, tmp_path, monkeypatch):
+    from exporters.onnx import ExportValidationError, validate
+
+    model, surrogate, _, _ = setup
+    monkeypatch.setenv("KVZAP_EVAL_CACHE", str(tmp_path))
+    monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(atol=1e-12, rtol=0.0, min_agreement=1.0))
+    with pytest.raises(ExportValidationError) as error:
+        make_backend("onnxruntime", surrogate, placement(model))
+    message = str(error.value)
+    assert message.startswith("the automatic fp32 export of this surrogate was discarded: 2 of 2 layers failed")
+    assert "--allow-mismatch --out DIR" in message and "backend_dir=DIR" in message and "left in" not in message
+    assert not list((tmp_path / "onnx").iterdir()), "nothing half-exported stays in the cache"

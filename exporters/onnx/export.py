@@ -310,9 +310,11 @@ def main_export(
         failed = [r for r in reports if not r.passed]
         manifest.validation = "passed" if not failed else "failed (allowed)"
         if failed and not config.allow_mismatch:
+            summary = f"{len(failed)} of {n} layers failed validation, first {failed[0].summary()}"
             raise ExportValidationError(
-                f"{len(failed)} of {n} layers failed validation, first {failed[0].summary()}; the ONNX files are "
-                f"left in {str(directory)!r} without a manifest (--allow-mismatch keeps the export anyway)"
+                f"{summary}; the ONNX files are left in {str(directory)!r} without a manifest (--allow-mismatch keeps "
+                "the export anyway)",
+                summary=summary,
             )
         if failed:
             log(f"warning: {len(failed)} layers failed validation, kept because of allow_mismatch")

@@ -26,6 +26,10 @@ from ..manifest import INPUT_NAME, OUTPUT_NAME
 class ExportValidationError(ArtifactError):
     """An exported layer failed validation (names, dims, error or keep/evict agreement)."""
 
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message  # what failed, without where the files are
+
 
 @dataclass(frozen=True)
 class Tolerance:

@@ -48,12 +48,19 @@ def checked_export(
 
 def _export_once(surrogate: KVzapSurrogate, directory: Path, dtype: str) -> None:
     """Export into a temporary sibling and rename it into place (another process may win the race: fine)."""
-    from exporters.onnx import main_export
+    from exporters.onnx import ExportValidationError, main_export
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        main_export(surrogate, tmp, dtype=dtype, hidden_states_model=None)
+        try:
+            main_export(surrogate, tmp, dtype=dtype, hidden_states_model=None)
+        except ExportValidationError as exc:  # its files are in `tmp`, which goes: say so, and how to keep one
+            raise ExportValidationError(
+                f"the automatic {dtype} export of this surrogate was discarded: {exc.summary}; use another dtype, or "
+                f"export it with `python -m exporters.onnx <surrogate> --dtype {dtype} --allow-mismatch --out DIR` "
+                "and pass it as backend_dir=DIR"
+            ) from None
         tmp.chmod(0o755)
         try:
             os.rename(tmp, directory)
