@@ -79,7 +79,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
     assert (tmp_path / "report" / "average_1024.png").stat().st_size > 1000
     # the targets are said plainly: no tau reaches 3x here, random is 65 points below, streaming and KVzip+ unmeasured
     assert "no tau measured reaches 3x" in text and "MISSED (target: >= 3x within 2 points)" in text
-    assert "random at ratio 0.600: 20.0, KVzap 85.0, +65.0 points below KVzap: met" in text
+    assert "random at the ratio of tau=-4.0 (0.600): 20.0, KVzap 85.0, +65.0 points below KVzap: met" in text
     assert "| kvzap_mlp | tau=-4.0 | 0.600 | 85.0 | 20 |" in text and "| random | ratio of tau=-4.0 |" in text
     assert "streaming at the same ratio: not measured" in text and "n >= 50: MISSED" in text
 
@@ -98,11 +98,13 @@ def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
         + rows("kvzap_mlp", 0.5, {"a": 0.80, "b": 0.80}, tau=-4.0)
         + rows("random", 0.68, {"a": 0.10, "b": 0.00}, matched=-2.5)
         + rows("kvzip_plus_threshold", 0.70, {"a": 0.84}, tau=-2.5)  # the oracle ran on task a only
+        + rows("streaming", 0.48, {"a": 0.30, "b": 0.40}, matched=-4.0)  # only at the other tau's ratio
     )
     lines = targets(table, 1024)
     assert "tau=-2.5 at 3.33x" in lines[0] and lines[0].endswith("met (within 2)")
-    assert "random at ratio 0.680: 5.0, KVzap 79.0, +74.0 points below KVzap: met" in lines[1]
-    assert lines[2].endswith("streaming at the same ratio: not measured")
+    assert "random at the ratio of tau=-2.5 (0.680): 5.0, KVzap 79.0, +74.0 points below KVzap: met" in lines[1]
+    assert "streaming at the ratio of tau=-4.0 (0.480): 35.0, KVzap 80.0, +45.0 points below KVzap" in lines[2]
+    assert lines[2].endswith("(not measured at tau=-2.5): met")
     # on the common task a: KVzap 78 vs oracle 84, not the 79 average over both tasks
     assert "84.0, KVzap 78.0, +6.0 points below it [on 1 of 2 tasks: a]" in lines[3]
     assert lines[3].endswith("MISSED (target: KVzap within 3 points of KVzip+)")
