@@ -74,6 +74,11 @@ def _compare(reference: dict[str, Row], other: dict[str, Row], n_tasks: int) -> 
     return mean(reference, "accuracy"), mean(other, "accuracy"), mean(other, "compression_ratio"), subset
 
 
+def _within_kvzip_plus(below: float) -> str:
+    """Verdict on KVzap's distance below KVzip+ (points; negative: KVzap is above it)."""
+    return "met" if below <= 3 else "MISSED (target: KVzap within 3 points of KVzip+)"
+
+
 def targets(rows: list[Row], length: int) -> list[str]:
     """The issue's targets at one context length, each said plainly as met, missed or not measured.
 
@@ -129,7 +134,7 @@ def targets(rows: list[Row], length: int) -> list[str]:
     else:
         t, (kvzap_acc, oracle_acc, oracle_ratio), subset = found
         below = 100 * (oracle_acc - kvzap_acc)
-        verdict = "met" if below <= 3 else "MISSED (target: KVzap within 3 points of KVzip+)"
+        verdict = _within_kvzip_plus(below)
         lines.append(
             f"- {length} tokens, KVzip+ oracle scores under the same policy (tau={t}, ratio {oracle_ratio:.3f}):"
             f" {100 * oracle_acc:.1f}, KVzap {100 * kvzap_acc:.1f}, {below:+.1f} points below it{subset}: {verdict}"
@@ -139,7 +144,7 @@ def targets(rows: list[Row], length: int) -> list[str]:
     if found is not None:
         adakv_acc, fixed_acc, _, subset = found
         below = 100 * (fixed_acc - adakv_acc)
-        verdict = "met" if below <= 3 else "MISSED (target: KVzap within 3 points of KVzip+)"
+        verdict = _within_kvzip_plus(below)
         lines.append(
             f"- {length} tokens, at KVzap's ratio with the AdaKV policy: KVzip+ {100 * fixed_acc:.1f},"
             f" KVzap-AdaKV {100 * adakv_acc:.1f} ({below:+.1f} points below){subset}: {verdict}"

@@ -71,7 +71,7 @@ def export_dtype_for(placement: Placement) -> str:
     return "fp16" if dtypes == {torch.float16} else "fp32"
 
 
-def check_device(ort, device: torch.device) -> None:
+def _check_device(ort, device: torch.device) -> None:
     """Refuse a device this onnxruntime cannot run a layer on (checked before anything is exported)."""
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"onnxruntime runs surrogate layers on cpu or cuda, not on {device}: use backend=torch")
@@ -88,8 +88,7 @@ class _LayerSession:
     """
 
     def __init__(self, ort, path: str, options, device: torch.device, dtype: torch.dtype, heads: int) -> None:
-        check_device(ort, device)
-        self.device = device
+        self.device = device  # checked by OnnxRuntimeBackend before anything is exported
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             stream = torch.cuda.current_stream(index).cuda_stream
@@ -154,7 +153,7 @@ class OnnxRuntimeBackend(ScorerBackend):
     ) -> None:
         ort = import_onnxruntime()
         for device in dict.fromkeys(device for device, _ in placement):
-            check_device(ort, device)
+            _check_device(ort, device)
         settings = settings or OrtSettings()
         self.threads = settings.threads or torch.get_num_threads()
         dtype = settings.dtype or export_dtype_for(placement)
