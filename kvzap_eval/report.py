@@ -2,17 +2,22 @@
 
 One curve per method, per task and averaged over tasks (per context length), plus a summary table of every method
 at each KVzap threshold. Plots need matplotlib (`pip install 'kvzap-eval[report]'`).
+
+The table is read strictly (`table.load_table`): missing, empty or malformed is a one-line error. A table that mixes
+runs of different identities (joined on purpose by `kvzap-eval merge --allow-mixed`) gets one report per identity,
+in `identity-<i>/` under `--out`, and an index saying in what they differ.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from .cli_args import OneLineParser, check_writable_dir
 from .errors import require
-from .sweep import read_table
+from .table import identity_groups, load_table
 
 #: The targets of issue #6 (paper: 2-4x compression with negligible loss): KVzap-MLP at >= 3x within 2 points of
 #: full cache; random and streaming at the same ratio at least 15 points below KVzap; KVzap within 3 points of KVzip+.
@@ -232,8 +237,32 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 
 def write_report(table: Path, out_dir: Path, command: str) -> Path:
-    """Write `README.md` and PNG plots for `table` into `out_dir`; returns the markdown path."""
-    rows = list({row["key"]: row for row in read_table(table)}.values())  # one row per run (sweeps may overlap)
+    """Write `README.md` and PNG plots for `table` into `out_dir` (one report per identity when the table mixes
+    runs of several, with an index); returns the markdown path."""
+    rows = list({row["key"]: row for row in load_table(table)}.values())  # one row per run (sweeps may overlap)
+    groups = identity_groups(rows)
+    if len(groups) == 1:
+        return _write_one(rows, out_dir, command)
+    lines = [
+        "# Accuracy vs compression",
+        "",
+        f"Produced by: `{command}`",
+        "",
+        f"This table mixes runs of {len(groups)} identities, whose results are not comparable with each other; each"
+        " has its own report (a row that does not depend on a differing field, e.g. the full cache for another"
+        " surrogate, is in each report it fits):",
+        "",
+    ]
+    for number, (label, members) in enumerate(groups, 1):
+        name = f"identity-{number}"
+        _write_one(members, out_dir / name, f"{command} (runs with {label})")
+        lines.append(f"- [{name}]({name}/README.md): {label} ({len(members)} rows)")
+    print(f"note: {table} mixes runs of {len(groups)} identities: one report each, listed in {out_dir}/README.md",
+          file=sys.stderr)  # fmt: skip
+    return write_text_atomic(out_dir / "README.md", "\n".join(lines) + "\n")
+
+
+def _write_one(rows: list[Row], out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, command)
     images = []
@@ -257,12 +286,13 @@ def write_report(table: Path, out_dir: Path, command: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     import shlex
-    import sys
 
-    parser = argparse.ArgumentParser(prog="kvzap-eval report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kvzap-eval report", description=__doc__.splitlines()[0])
     parser.add_argument("table", type=Path, help="JSONL table written by `kvzap-eval sweep`")
     parser.add_argument("--out", type=Path, default=Path("reports/accuracy"))
     args = parser.parse_args(argv)
+    check_writable_dir(args.out, "--out")
+    require("matplotlib", "report")  # before any work: the plots need it
     command = "kvzap-eval report " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
     print(write_report(args.table, args.out, command))
     return 0

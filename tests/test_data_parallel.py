@@ -147,7 +147,8 @@ def test_shards_merge_into_the_unsharded_table_without_duplicates(tiny, tmp_path
     assert len(read_table(merged)) == 6
     # one key with two different results is refused, and the merged table is left as it was
     conflicting = tmp_path / "conflict.jsonl"
-    row = {**read_table(tmp_path / "shard0.jsonl")[0], "accuracy": -1.0}
+    first = read_table(tmp_path / "shard0.jsonl")[0]
+    row = {**first, "accuracy": 0.5 if first["accuracy"] != 0.5 else 0.25}
     conflicting.write_text(json.dumps(row) + "\n")
     with pytest.raises(ConfigError, match="different results"):
         merge_tables(merged, [conflicting])

@@ -1,0 +1,86 @@
+"""Command-line arguments that fail in one line: a parser whose usage errors are `ConfigError`s, value types that
+refuse zero, negative and non-finite numbers, and checks that an output path can be written before any work."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+class UsageError(ConfigError):
+    """A command-line argument is missing, unknown or malformed."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors raise `UsageError` (printed by `kvzap-eval` as one `error:` line)
+    instead of printing the usage and exiting 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sample counts, batch sizes, context lengths)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that is a directory, lies under a file or cannot be written."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{option} {path} is a directory: give a file path, e.g. {path / 'table.jsonl'}")
+        if not path.is_file():
+            raise ConfigError(f"{option} {path} is not a regular file: give a file path")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{option} {path} is not writable: give another path or fix its permissions")
+        return
+    _check_creatable(path, option)
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """Refuse, before any work, an output directory that is a file or cannot be created or written."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {path} is a file, not a directory: give a directory (created if missing)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {path} is not writable: give another directory or fix its permissions")
+        return
+    _check_creatable(path, option)
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    ancestor = _nearest_existing(path.parent)
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot create it in {ancestor} (not writable)")
