@@ -8,10 +8,11 @@ own `pydoc_data.topics`, so the inputs are the same on every machine.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from kvzap_eval.errors import EmbeddedModelError
+from kvzap_eval.errors import ConfigError, EmbeddedModelError
 from kvzap_eval.surrogate import SurrogateConfig, check_against_model
 
 #: (input_dim, output_dim, n_modules) of the embedded SmolLM2-135M-Instruct.
@@ -51,9 +52,17 @@ def _token_ids(model: torch.nn.Module, tokenizer, tokens: int) -> torch.Tensor:
 
 
 def _load(name: str):
+    """(model, tokenizer or None) of a named LLM; `ConfigError` (one line) when it does not exist or does not load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    fix = "pass an LLM directory, a hub id in the local cache, or 'none' (random inputs only)"
+    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        raise ConfigError(f"--hidden-states-model {name!r} does not exist: {fix}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise ConfigError(f"--hidden-states-model {name!r} does not load as a causal LM ({reason}): {fix}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError):
@@ -67,7 +76,8 @@ def hidden_states_for(
     """(per-layer hidden states or None, a sentence saying what they are or why there are none).
 
     `model` "auto" uses the embedded SmolLM2 when the surrogate has its shape; None means random inputs only.
-    A named model whose dims do not match the surrogate raises `CheckpointError`.
+    A named model that does not exist or load raises `ConfigError`; one whose dims do not match the surrogate
+    raises `CheckpointError`.
     """
     if model is None or str(model) == "none":
         return None, "not requested"

@@ -122,7 +122,8 @@ def stub_trt(monkeypatch):
     monkeypatch.setattr(trt_build, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_build, "gpu_identity", lambda device=0: ("NVIDIA H100 80GB HBM3", (9, 0)))
 
-    def build(trt, onnx_path, profiles, dim, timing_cache, workspace):
+    def build(trt, onnx_path, onnx_bytes, profiles, dim, timing_cache, workspace):
+        assert onnx_bytes == onnx_path.read_bytes()
         built.append(onnx_path.name)
         timing_cache.write_bytes(b"timings")
         return f"engine of {onnx_path.name} for TensorRT {trt.__version__}".encode()
@@ -216,3 +217,102 @@ def test_cuda_graph_backend_refuses_cpu_layers():
     model = tiny_model()
     with pytest.raises(ConfigError, match="cuda_graph backend needs every decoder layer on a CUDA device"):
         make_backend("cuda_graph", surrogate_for(model), placement(model))
+
+
+# ------------------------------------------------------------------------------- engines their sidecars vouch for
+
+
+def test_sidecar_records_the_layer_the_onnx_hash_and_the_engine_hash(stub_trt, onnx_export, tmp_path):
+    import hashlib
+    import json
+
+    from exporters.manifest import read_manifest
+
+    engines = trt_build.ensure_engines(onnx_export, tmp_path)
+    for layer, (path, artifact) in enumerate(zip(engines.paths, read_manifest(onnx_export).layers)):
+        record = json.loads(path.with_suffix(".json").read_text())
+        assert record["layer"] == layer and record["onnx_sha256"] == artifact.sha256
+        assert record["engine_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("lie", ["engine bytes replaced", "sidecar of another layer", "no engine hash"])
+def test_an_engine_its_sidecar_does_not_vouch_for_is_rebuilt(stub_trt, onnx_export, tmp_path, lie):
+    import json
+
+    _, built = stub_trt
+    engines = trt_build.ensure_engines(onnx_export, tmp_path)
+    path, sidecar = engines.paths[1], engines.paths[1].with_suffix(".json")
+    record = json.loads(sidecar.read_text())
+    if lie == "engine bytes replaced":
+        path.write_bytes(engines.paths[0].read_bytes())  # layer 0's engine under layer 1's name
+    elif lie == "sidecar of another layer":
+        sidecar.write_text(json.dumps({**record, "layer": 0}))
+    else:
+        sidecar.write_text(json.dumps({k: v for k, v in record.items() if k != "engine_sha256"}))
+    messages: list[str] = []
+    again = trt_build.ensure_engines(onnx_export, tmp_path, log=messages.append)
+    assert built == ["layer_00.onnx", "layer_01.onnx", "layer_01.onnx"], "only the engine in doubt is rebuilt"
+    assert messages == [messages[0]] and messages[0].startswith("layer 1: the cached engine is not used: ")
+    assert again.paths[1].read_bytes() == b"engine of layer_01.onnx for TensorRT 10.8.0"
+
+
+def test_an_engine_replaced_after_it_was_checked_is_refused_when_read(stub_trt, onnx_export, tmp_path):
+    from exporters.trt.cache import read_engine
+    from kvzap_eval.errors import ArtifactError
+
+    engines = trt_build.ensure_engines(onnx_export, tmp_path)
+    assert read_engine(engines.paths[0], 0) == engines.paths[0].read_bytes()
+    with pytest.raises(ArtifactError, match="no longer matches its sidecar for layer 1"):
+        read_engine(engines.paths[0], 1)
+    engines.paths[0].write_bytes(b"something else")
+    with pytest.raises(ArtifactError, match=r"changed after it was checked .*rebuild the engines"):
+        read_engine(engines.paths[0], 0)
+
+
+def test_an_engine_symlinked_outside_the_engine_directory_is_rebuilt(stub_trt, onnx_export, tmp_path):
+    _, built = stub_trt
+    engines = trt_build.ensure_engines(onnx_export, tmp_path / "engines")
+    outside = tmp_path / "elsewhere.engine"
+    outside.write_bytes(engines.paths[0].read_bytes())
+    engines.paths[0].unlink()
+    engines.paths[0].symlink_to(outside)
+    messages: list[str] = []
+    trt_build.ensure_engines(onnx_export, tmp_path / "engines", log=messages.append)
+    assert built[-1] == "layer_00.onnx" and "outside the engine directory" in messages[0]
+    assert not engines.paths[0].is_symlink()
+
+
+def test_engines_are_never_built_from_an_export_whose_layers_were_swapped(stub_trt, onnx_export, tmp_path):
+    import json
+    import shutil
+
+    from kvzap_eval.errors import ArtifactError
+
+    directory = shutil.copytree(onnx_export, tmp_path / "swapped")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    first, second = manifest["layers"]
+    (first["file"], first["sha256"]), (second["file"], second["sha256"]) = (
+        (second["file"], second["sha256"]),
+        (first["file"], first["sha256"]),
+    )
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    _, built = stub_trt
+    with pytest.raises(ArtifactError, match=r"layer 0 file .*layer_01.onnx' was exported as layer 1, not layer 0"):
+        trt_build.ensure_engines(directory, tmp_path / "engines")
+    assert built == []
+
+
+def test_an_onnx_file_changed_between_its_check_and_the_build_is_refused(stub_trt, onnx_export, tmp_path):
+    from exporters.manifest import read_manifest
+    from kvzap_eval.errors import ArtifactError
+
+    path = onnx_export / "layer_00.onnx"
+    assert trt_build.read_onnx(path, read_manifest(onnx_export).layers[0].sha256, 0) == path.read_bytes()
+    with pytest.raises(ArtifactError, match=r"layer 0 file .*layer_00.onnx' changed after it was checked"):
+        trt_build.read_onnx(path, "0" * 64, 0)
+
+
+def test_an_engine_directory_that_is_a_file_is_one_line(stub_trt, onnx_export, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"engine directory '.*file' is a file, not a directory"):
+        trt_build.ensure_engines(onnx_export, tmp_path / "file")

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KVzapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the disk filled up, a file vanished mid-export...: one line, not a traceback
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
     for report in result.reports:
         print(("ok    " if report.passed else "FAILED ") + report.summary())
     print(f"manifest: {result.directory / 'manifest.json'} (validation {result.manifest.validation})")

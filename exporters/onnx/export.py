@@ -37,6 +37,7 @@ from ..dtypes import EXPORT_DTYPES, WEIGHT_ONLY_BITS, parse_dtype
 from ..hidden_states import hidden_states_for
 from ..manifest import (
     INPUT_NAME,
+    LAYER_METADATA_KEY,
     MANIFEST_NAME,
     OPSET,
     OUTPUT_NAME,
@@ -45,6 +46,7 @@ from ..manifest import (
     layer_file_name,
     write_manifest,
 )
+from ..output import writable_directory
 from ..source import SourceInfo, file_sha256, load_source
 from .validate import ExportValidationError, LayerValidation, validate_export
 
@@ -192,7 +194,7 @@ def save_layer(model, path: Path, layer_idx: int) -> str:
     import onnx
 
     del model.metadata_props[:]
-    model.metadata_props.add(key="kvzap.layer", value=str(layer_idx))
+    model.metadata_props.add(key=LAYER_METADATA_KEY, value=str(layer_idx))
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return file_sha256(path)
@@ -256,8 +258,9 @@ def _versions() -> dict[str, str]:
 
 
 def _prepare(directory: Path) -> None:
-    """Create `directory`, and remove a previous manifest and layer files so a partial export never looks whole."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Create `directory` (`ConfigError` if it is a file or not writable), and remove a previous manifest and layer
+    files so a partial export never looks whole."""
+    writable_directory(directory, "--out")
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
     for path in directory.iterdir():
         if _LAYER_FILE.fullmatch(path.name):
@@ -265,13 +268,18 @@ def _prepare(directory: Path) -> None:
 
 
 def _validate(
-    surrogate: KVzapSurrogate, paths: list[Path], hidden_states_model: str | None, dtype: str, tau: float, log
+    surrogate: KVzapSurrogate,
+    paths: list[Path],
+    states: tuple[list[torch.Tensor] | None, str],
+    dtype: str,
+    tau: float,
+    log: Callable[[str], None],
 ) -> tuple[list[LayerValidation], list[str]]:
-    states, description = hidden_states_for(surrogate.config, hidden_states_model)
+    hidden_states, description = states
     log(f"validating {len(paths)} layers ({dtype}, tau={tau}); real hidden states: {description}")
-    reports = validate_export(paths, surrogate, dtype, tau, states, "real")
+    reports = validate_export(paths, surrogate, dtype, tau, hidden_states, "real")
     labels = [check.inputs for check in reports[0].checks] if reports else []
-    labels.append(f"{'real' if states is not None else 'no real'} hidden states: {description}")
+    labels.append(f"{'real' if hidden_states is not None else 'no real'} hidden states: {description}")
     return reports, labels
 
 
@@ -286,14 +294,21 @@ def main_export(
     """Export `source` (hub id, checkpoint directory or in-memory surrogate) to `out_dir`, validate, write the manifest.
 
     `out_dir` None uses `default_export_dir` (where backends look when given no artifact directory). Settings are
-    `OnnxExportConfig` fields. Raises `ExportValidationError` when validation fails (the layer files stay, without
-    a manifest) unless `allow_mismatch`; `ConfigError` for an unknown dtype or a bad threshold.
+    `OnnxExportConfig` fields. Every setting, the output directory, the source and the hidden-states model are
+    checked before the first layer is exported. Raises `ExportValidationError` when validation fails (the layer
+    files stay, without a manifest) unless `allow_mismatch`; `ConfigError` for an unknown dtype, a bad threshold, an
+    `out_dir` that is a file or not writable, or a hidden-states model that cannot be loaded; `CheckpointError` for
+    a source that does not exist or does not load.
     """
     config = config or OnnxExportConfig(**settings)
     log = log or (lambda message: print(message, file=sys.stderr))
     dtype = parse_dtype(config.dtype)
     threshold = validate_threshold(config.threshold)
+    if out_dir is not None:
+        writable_directory(out_dir, "--out", create=False)  # before loading anything: a wrong --out fails at once
     surrogate, info = load_source(source, config.revision)
+    # the LLM whose hidden states validate the export is loaded before the export, so a wrong name fails at once
+    states = hidden_states_for(surrogate.config, config.hidden_states_model) if config.validate else (None, "")
     directory = Path(out_dir) if out_dir is not None else default_export_dir(info.weights_sha256, dtype)
     _prepare(directory)
     n = surrogate.config.n_modules
@@ -303,8 +318,7 @@ def main_export(
     reports: list[LayerValidation] = []
     if config.validate:
         paths = [directory / a.file for a in layers]
-        states_model = config.hidden_states_model
-        reports, manifest.validation_inputs = _validate(surrogate, paths, states_model, dtype, threshold, log)
+        reports, manifest.validation_inputs = _validate(surrogate, paths, states, dtype, threshold, log)
         for artifact, report in zip(layers, reports):
             artifact.validation = report.to_json()
         failed = [r for r in reports if not r.passed]

@@ -98,7 +98,11 @@ def check_graph_signature(path: Path, dtype: str, input_dim: int, output_dim: in
     [batch, sequence, H] of the export dtype (empty list when it is right)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    return graph_signature_problems(onnx.load(str(path), load_external_data=False).graph, dtype, input_dim, output_dim)
+
+
+def graph_signature_problems(graph, dtype: str, input_dim: int, output_dim: int) -> list[str]:
+    """`check_graph_signature` of a loaded graph."""
     expected = {INPUT_NAME: ["batch", "sequence", input_dim], OUTPUT_NAME: ["batch", "sequence", output_dim]}
     problems = []
     for kind, values in (("input", graph.input), ("output", graph.output)):

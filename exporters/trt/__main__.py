@@ -4,13 +4,17 @@ layer (decode profile [1, 1, D], prefill profile 1..--max-seq) into a cache keye
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from kvzap_eval.errors import KVzapError
+from kvzap_eval.errors import ConfigError, KVzapError
+from kvzap_eval.surrogate import CONFIG_NAME
 
+from ..dtypes import WEIGHT_ONLY_BITS, parse_dtype
 from ..manifest import MANIFEST_NAME
-from .build import BuildConfig, ensure_engines, import_tensorrt
+from ..output import writable_directory
+from . import build
 from .profiles import DEFAULT_MAX_SEQ, EngineProfiles
 
 
@@ -33,16 +37,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> int:
+def build_config(args: argparse.Namespace) -> build.BuildConfig:
+    """The profiles, workspace and device of the arguments (`ConfigError` for any that make no sense)."""
     profiles = EngineProfiles(max_seq=args.max_seq, opt_seq=args.opt_seq, max_batch=args.max_batch)
-    import_tensorrt()  # fail before a long ONNX export when TensorRT is absent
-    onnx_dir = Path(args.source)
-    if not (onnx_dir / MANIFEST_NAME).is_file():
+    if not math.isfinite(args.workspace_gb) or args.workspace_gb <= 0:
+        raise ConfigError(f"--workspace-gb {args.workspace_gb} must be a positive number of GiB (default 1)")
+    if args.device < 0:
+        raise ConfigError(f"--device {args.device} must be a CUDA device index (0, 1, ...)")
+    return build.BuildConfig(profiles, max(1, int(args.workspace_gb * (1 << 30))), args.device)
+
+
+def onnx_export_dir(source: str) -> Path | None:
+    """`source` as an ONNX export directory, None when it names a checkpoint (directory or hub id) to export first;
+    `ConfigError` for a directory that is neither."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    if (path / CONFIG_NAME).is_file():
+        return None
+    raise ConfigError(
+        f"{source!r} is neither an ONNX export (no {MANIFEST_NAME}) nor a surrogate checkpoint (no {CONFIG_NAME}): "
+        "pass an export directory (python -m exporters.onnx <surrogate> --out DIR), a checkpoint directory or a hub id"
+    )
+
+
+def export_dtype(value: str) -> str:
+    """The export dtype TensorRT can build from (`ConfigError` for unknown or weight-only dtypes)."""
+    dtype = parse_dtype(value)
+    if dtype in WEIGHT_ONLY_BITS:
+        raise ConfigError(f"--dtype {value} is weight-only (onnxruntime MatMulNBits), which TensorRT cannot parse: "
+                          "use bf16, fp16 or fp32")  # fmt: skip
+    return dtype
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    onnx_dir = onnx_export_dir(args.source)
+    dtype = export_dtype(args.dtype) if onnx_dir is None else None
+    for option, value in (("--out", args.out), ("--onnx-dir", args.onnx_dir)):
+        if value is not None:
+            writable_directory(value, option, create=False)
+    build.import_tensorrt()  # fail before a long ONNX export when TensorRT is absent
+    if onnx_dir is None:
         from ..onnx import main_export
 
-        onnx_dir = main_export(args.source, args.onnx_dir, dtype=args.dtype).directory
-    config = BuildConfig(profiles, int(args.workspace_gb * (1 << 30)), args.device)
-    engines = ensure_engines(onnx_dir, args.out, config)
+        onnx_dir = main_export(args.source, args.onnx_dir, dtype=dtype).directory
+    engines = build.ensure_engines(onnx_dir, args.out, config)
     print(f"{len(engines.paths)} engines in {engines.engine_dir} ({engines.manifest.dtype}, {engines.keys[0].gpu}, "
           f"TensorRT {engines.keys[0].tensorrt})")  # fmt: skip
     return 0
@@ -54,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except KVzapError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the disk filled up, a file vanished mid-build...: one line, not a traceback
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -7,6 +7,7 @@ cache shared by all layers, engines stored under keys that name the TensorRT ver
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Collection
@@ -17,9 +18,13 @@ from kvzap_eval.errors import ArtifactError, ConfigError, require
 
 from ..dtypes import WEIGHT_ONLY_BITS
 from ..manifest import INPUT_NAME, Manifest, read_manifest, verify_layer_files
+from ..onnx.identity import check_layer_files
+from ..output import writable_directory
 from .cache import (
+    ABSENT,
     EngineKey,
-    find_engine,
+    engine_path,
+    engine_problem,
     make_key,
     stale_engines,
     store_engine,
@@ -77,13 +82,25 @@ def _network_flags(trt) -> int:
     return 0 if strongly_typed is None else 1 << int(strongly_typed)
 
 
-def build_engine(trt, onnx_path: Path, profiles: EngineProfiles, dim: int, timing_cache: Path, workspace: int) -> bytes:
-    """Serialized engine of one ONNX layer file; the shared timing cache is read before and written after."""
+def read_onnx(path: Path, sha256: str, layer: int) -> bytes:
+    """The bytes of a layer's ONNX file, read once and checked against the manifest's SHA-256 (what TensorRT parses
+    is exactly what was checked, even if the file changes afterwards)."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(f"layer {layer} file {str(path)!r} changed after it was checked: re-export it")
+    return data
+
+
+def build_engine(
+    trt, onnx_path: Path, onnx_bytes: bytes, profiles: EngineProfiles, dim: int, timing_cache: Path, workspace: int
+) -> bytes:
+    """Serialized engine of one ONNX layer (`onnx_bytes`, read from `onnx_path`); the shared timing cache is read
+    before and written after."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(onnx_bytes, str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ArtifactError(f"TensorRT cannot parse {str(onnx_path)!r} ({errors}): re-export it")
     config = builder.create_builder_config()
@@ -111,8 +128,10 @@ def ensure_engines(
 ) -> EngineSet:
     """Engines for every layer of the export in `onnx_dir` (default engine dir: `<onnx_dir>/tensorrt`).
 
-    Cached engines whose key matches are reused; engines built by another TensorRT, GPU, dtype or profile are
-    reported and rebuilt; layers in `rebuild` are rebuilt whatever the cache holds.
+    The export is checked first (manifest fields, files inside `onnx_dir`, hashes, each file's layer slot and
+    signature). Cached engines whose key (which holds the ONNX file's hash) and sidecar match are reused; engines
+    built by another TensorRT, GPU, dtype or profile, or whose sidecar does not vouch for them, are reported and
+    rebuilt; layers in `rebuild` are rebuilt whatever the cache holds.
     """
     config = config or BuildConfig()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -125,19 +144,24 @@ def ensure_engines(
             "TensorRT cannot parse: export fp16, bf16 or fp32 for TensorRT"
         )
     files = verify_layer_files(manifest, onnx_dir)
-    engines = Path(engine_dir) if engine_dir is not None else onnx_dir / ENGINE_DIR_NAME
-    engines.mkdir(parents=True, exist_ok=True)
+    check_layer_files(manifest, onnx_dir, files)
+    engines = writable_directory(
+        engine_dir if engine_dir is not None else onnx_dir / ENGINE_DIR_NAME, "engine directory"
+    )
     gpu, capability = gpu_identity(config.device)
     keys = layer_keys(manifest, config.profiles, trt.__version__, gpu, capability)
     timing = timing_cache_path(engines, trt.__version__, gpu)
     paths = []
     for i, (onnx_path, key) in enumerate(zip(files, keys)):
-        found = find_engine(engines, i, key)
-        if found is None or i in rebuild:
+        problem = engine_problem(engines, i, key)
+        if problem is not None or i in rebuild:
             for stale, other in stale_engines(engines, i, key):
                 log(f"layer {i}: {stale.name} was built for {', '.join(key.differences(other))}: rebuilding")
+            if problem not in (None, ABSENT):
+                log(f"layer {i}: the cached engine is not used: {problem}: rebuilding")
+            onnx_bytes = read_onnx(onnx_path, manifest.layers[i].sha256, i)
             dim = manifest.surrogate.input_dim
-            data = build_engine(trt, onnx_path, config.profiles, dim, timing, config.workspace_bytes)
-            found = store_engine(engines, i, key, data)
-        paths.append(found)
+            data = build_engine(trt, onnx_path, onnx_bytes, config.profiles, dim, timing, config.workspace_bytes)
+            store_engine(engines, i, key, data)
+        paths.append(engine_path(engines, i, key))
     return EngineSet(onnx_dir, engines, manifest, config.profiles, paths, keys)

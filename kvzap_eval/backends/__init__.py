@@ -26,6 +26,9 @@ def make_backend(
     `tensorrt`); None exports `surrogate` into the kvzap-eval cache on first use. `threads`: onnxruntime intra-op
     threads (None = torch's count). `torch` and `cuda_graph` use neither.
     """
+    if name in ("torch", "cuda_graph") and artifacts is not None:
+        raise ConfigError(f"the {name} backend runs the surrogate's own weights and takes no artifact directory: "
+                          "drop backend_dir, or use backend=onnxruntime or tensorrt")  # fmt: skip
     if name == "torch":
         return TorchBackend(surrogate, placement)
     if name == "onnxruntime":

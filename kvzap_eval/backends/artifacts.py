@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,17 +18,28 @@ if TYPE_CHECKING:
     from exporters.manifest import Manifest
 
 
+@dataclass(frozen=True)
+class CheckedExport:
+    """An export directory whose manifest and files passed every check: `paths[i]` is layer i's ONNX file."""
+
+    directory: Path
+    manifest: Manifest
+    paths: list[Path]
+
+
 def checked_export(
     surrogate: KVzapSurrogate, n_layers: int, artifacts: str | os.PathLike | None, dtype: str
-) -> tuple[Path, Manifest]:
-    """(directory, manifest) of a validated export of `surrogate` for a model with `n_layers` decoder layers.
+) -> CheckedExport:
+    """The directory, manifest and layer files of a checked export of `surrogate` for a model of `n_layers` layers.
 
     `artifacts` None: the cache directory for this surrogate and `dtype`, exported on first use. A given directory
-    must already hold an export (its own dtype is used). Either way the manifest is checked against the surrogate
-    and every layer file against its SHA-256; `ArtifactError` says what is wrong and how to fix it.
+    must already hold an export (its own dtype is used). Either way the manifest is checked against the surrogate,
+    every layer file against its SHA-256, and every file's content against its slot and the surrogate's weights
+    (`exporters.onnx.identity`); `ArtifactError` says what is wrong and how to fix it.
     """
     from exporters.manifest import check_manifest, read_manifest, verify_layer_files
     from exporters.onnx import default_export_dir
+    from exporters.onnx.identity import check_layer_files
     from exporters.source import weights_sha256
 
     fingerprint = weights_sha256(surrogate)
@@ -35,22 +47,26 @@ def checked_export(
     if artifacts is None and not (directory / "manifest.json").is_file():
         _export_once(surrogate, directory, dtype)
     elif artifacts is not None and not directory.is_dir():
-        raise ArtifactError(f"artifact directory {str(directory)!r} does not exist: export into it first")
+        problem = "is a file, not an export directory" if directory.exists() else "does not exist"
+        raise ArtifactError(f"artifact directory {str(directory)!r} {problem}: export into a directory first "
+                            "(python -m exporters.onnx <hub id | checkpoint dir> --out DIR)")  # fmt: skip
     manifest = read_manifest(directory)
     check_manifest(manifest, surrogate.config, n_layers=n_layers, weights_sha256=fingerprint,
                    where=f"the export in {str(directory)!r}")  # fmt: skip
-    verify_layer_files(manifest, directory)
+    paths = verify_layer_files(manifest, directory)
+    check_layer_files(manifest, directory, paths, list(surrogate.layers))
     if manifest.validation == "failed (allowed)":
         print(f"warning: the export in {directory} failed validation and was kept with --allow-mismatch",
               file=sys.stderr)  # fmt: skip
-    return directory, manifest
+    return CheckedExport(directory, manifest, paths)
 
 
 def _export_once(surrogate: KVzapSurrogate, directory: Path, dtype: str) -> None:
     """Export into a temporary sibling and rename it into place (another process may win the race: fine)."""
     from exporters.onnx import ExportValidationError, main_export
+    from exporters.output import writable_directory
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    writable_directory(directory.parent, "the kvzap-eval cache", fix="set KVZAP_EVAL_CACHE to a writable directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         try:

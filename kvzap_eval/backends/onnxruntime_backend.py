@@ -63,6 +63,11 @@ class OrtSettings:
     spin: bool = False
     dtype: str | None = None
 
+    def __post_init__(self) -> None:
+        threads = self.threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"onnxruntime threads={threads!r} must be a whole number >= 1 (None = torch's count)")
+
 
 def export_dtype_for(placement: Placement) -> str:
     """The dtype to export for these layers when no export is given: fp16 for fp16 layers, else fp32 (ONNX Runtime
@@ -157,7 +162,8 @@ class OnnxRuntimeBackend(ScorerBackend):
         settings = settings or OrtSettings()
         self.threads = settings.threads or torch.get_num_threads()
         dtype = settings.dtype or export_dtype_for(placement)
-        self.directory, self.manifest = checked_export(surrogate, len(placement), artifacts, dtype)
+        export = checked_export(surrogate, len(placement), artifacts, dtype)
+        self.directory, self.manifest = export.directory, export.manifest
         self.dtype = _EXPORT_DTYPES[self.manifest.dtype]
         if self.dtype == torch.bfloat16 and any(device.type == "cpu" for device, _ in placement):
             raise ConfigError(
@@ -170,8 +176,8 @@ class OnnxRuntimeBackend(ScorerBackend):
         options = self._options(ort, settings)
         heads = self.manifest.surrogate.output_dim
         self.layers = [
-            _LayerSession(ort, str(self.directory / artifact.file), options, device, self.dtype, heads)
-            for artifact, (device, _) in zip(self.manifest.layers, placement)
+            _LayerSession(ort, str(path), options, device, self.dtype, heads)
+            for path, (device, _) in zip(export.paths, placement)
         ]
 
     def _options(self, ort, settings: OrtSettings):

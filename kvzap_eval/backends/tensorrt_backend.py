@@ -72,31 +72,35 @@ class TensorRTBackend(ScorerBackend):
         trt = build.import_tensorrt()
         if any(device.type != "cuda" for device, _ in placement):
             raise ConfigError("the tensorrt backend needs every decoder layer on a CUDA device: use onnxruntime on CPU")
-        onnx_dir, manifest = checked_export(surrogate, len(placement), artifacts, export_dtype_for(placement))
-        self.dtype = _TORCH_DTYPES[manifest.dtype]
-        self.heads = manifest.surrogate.output_dim
+        export = checked_export(surrogate, len(placement), artifacts, export_dtype_for(placement))
+        onnx_dir, manifest = export.directory, export.manifest
         self.build_config = build_config or build.BuildConfig(device=placement[0][0].index or 0)
         self.profiles = self.build_config.profiles
-        engines = build.ensure_engines(onnx_dir, None, self.build_config)
+        engines = build.ensure_engines(onnx_dir, None, self.build_config)  # refuses int8 weight-only exports
+        self.dtype = _TORCH_DTYPES[manifest.dtype]
+        self.heads = manifest.surrogate.output_dim
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.layers = []
         self.devices = sorted({device for device, _ in placement}, key=str)
         for i, (path, (device, _)) in enumerate(zip(engines.paths, placement)):
             with torch.cuda.device(device):  # an engine lives on the device current when it is deserialized
-                engine = self._deserialize(runtime, path)
+                engine = self._deserialize(runtime, path, i)
             if engine is None:  # the key matched but this TensorRT/GPU refuses the engine: rebuild once
                 print(f"layer {i}: TensorRT could not deserialize {path.name}: rebuilding", file=sys.stderr)
                 path = build.ensure_engines(onnx_dir, None, self.build_config, rebuild={i}).paths[i]
                 with torch.cuda.device(device):
-                    engine = self._deserialize(runtime, path)
+                    engine = self._deserialize(runtime, path, i)
                 if engine is None:
                     raise ArtifactError(f"TensorRT cannot deserialize the engine it just built ({str(path)!r})")
             self.layers.append(_LayerEngine(trt, engine, device))
         self.scratch = self._share_scratch()
 
     @staticmethod
-    def _deserialize(runtime, path: Path):
-        return runtime.deserialize_cuda_engine(path.read_bytes())
+    def _deserialize(runtime, path: Path, layer: int):
+        """The engine of `path`, from bytes checked against its sidecar (`exporters.trt.cache.read_engine`)."""
+        from exporters.trt.cache import read_engine
+
+        return runtime.deserialize_cuda_engine(read_engine(path, layer))
 
     def _share_scratch(self) -> dict[torch.device, torch.Tensor]:
         """One scratch buffer per device, as large as its largest engine needs, bound to every context."""
