@@ -109,6 +109,9 @@ def test_tensorrt_engines_equal_torch_and_are_cached(tensorrt, tmp_path, dtype):
 
 
 def test_tensorrt_engine_that_cannot_be_deserialized_is_rebuilt(tensorrt, tmp_path, capfd):
+    import hashlib
+    import json
+
     from exporters.onnx import main_export
 
     model = cuda_model()
@@ -117,6 +120,12 @@ def test_tensorrt_engine_that_cannot_be_deserialized_is_rebuilt(tensorrt, tmp_pa
     make_backend("tensorrt", surrogate, placement(model), export)
     (engine,) = (export / "tensorrt").glob("layer_00-*.engine")
     engine.write_bytes(b"not an engine from this TensorRT")
+    make_backend("tensorrt", surrogate, placement(model), export)
+    assert "the cached engine is not used: the engine file does not hash" in capfd.readouterr().err
+    engine.write_bytes(b"not an engine from this TensorRT")  # now with a sidecar that vouches for these bytes
+    record = json.loads(engine.with_suffix(".json").read_text())
+    record["engine_sha256"] = hashlib.sha256(engine.read_bytes()).hexdigest()
+    engine.with_suffix(".json").write_text(json.dumps(record))
     ours = make_backend("tensorrt", surrogate, placement(model), export)
     assert "could not deserialize" in capfd.readouterr().err
     x = torch.randn(1, 1, 64, device="cuda")
