@@ -10,7 +10,8 @@ Per file, `check_layer_file`:
   even when every hash was updated);
 - given the surrogate layer it must hold, its weights are that layer's weights: each parameter cast to the export
   dtype equals one float initializer bit for bit (or its transpose), each `MatMulNBits` weight (int8) dequantises
-  to within half a quantisation step of one parameter, and no weight is left over.
+  to within one quantisation step of one parameter (rounding costs half a step, the clamp of a block's largest
+  value to 127 one step), and no weight is left over.
 
 Why compare weights rather than run a numeric probe through a session: it is exact for fp32, fp16 and bf16 (a probe
 needs a tolerance that a near-copy could pass), it needs no runtime (onnxruntime has no bf16 CPU kernels, TensorRT
@@ -75,7 +76,7 @@ def _dequantised_weights(
     model, initializers: dict[str, torch.Tensor]
 ) -> list[tuple[set[str], torch.Tensor, torch.Tensor]]:
     """For each 8-bit `MatMulNBits` node: (initializer names it uses, weight [N, K] in fp32, per-element tolerance of
-    half a quantisation step). Layout (onnxruntime contrib op): B uint8 [N, blocks, block_size], scales [N * blocks],
+    one quantisation step). Layout (onnxruntime contrib op): B uint8 [N, blocks, block_size], scales [N * blocks],
     optional zero points uint8 [N, blocks] (default 128, symmetric)."""
     found = []
     for node in model.graph.node:
@@ -92,7 +93,7 @@ def _dequantised_weights(
         zero = initializers[names[2]].reshape(n, blocks, 1).float() if len(names) > 2 else 128.0
         weight = ((quantised - zero) * scales).reshape(n, blocks * block)[:, :k]
         step = scales.abs().expand(n, blocks, block).reshape(n, blocks * block)[:, :k]
-        found.append((set(names), weight, 0.5 * step * (1 + 1e-3) + 1e-7))
+        found.append((set(names), weight, step * (1 + 1e-3) + 1e-7))
     return found
 
 
