@@ -85,16 +85,17 @@ class Baseline:
         if self.latency_ratio is not None and (not _is_number(self.latency_ratio) or self.latency_ratio <= 0):
             raise BaselineError(f"latency_ratio must be a finite number > 0 or null, got {self.latency_ratio!r}")
 
-    def check_figures(self) -> None:
+    def check_figures(self, path: Path | None = None) -> None:
         """Refuse a baseline without a finite figure in [0, 1] for every task: comparing with NaN never fails."""
+        where = f"baseline {path}: " if path is not None else ""
         for name in ("accuracy", "compression_ratio"):
             figures = getattr(self, name)
             for task in self.tasks:
                 value = figures.get(task)
                 if not _is_number(value) or not 0.0 <= value <= 1.0:
                     raise BaselineError(
-                        f"{name} of {task} must be a finite number in [0, 1], got {value!r}: measure it with"
-                        " `kvzap-eval gate --baseline ... --update`"
+                        f"{where}{name} of {task} must be a finite number in [0, 1], got {value!r}: measure it with"
+                        f" `kvzap-eval gate --baseline {path or 'B.json'} --update`"
                     )
 
     @classmethod
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if new_only:
         raise ConfigError(f"{', '.join(new_only)} only apply with --update (the subset is the baseline's)")
     baseline = Baseline.load(args.baseline)
-    baseline.check_figures()
+    baseline.check_figures(args.baseline)
     measured = measure(baseline, threshold=args.threshold, latency=not args.no_latency)
     print(f"measured: {json.dumps(asdict(measured))}")
     failures = compare(baseline, measured)

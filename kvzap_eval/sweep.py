@@ -251,7 +251,8 @@ def _refuse_mixed_merge(path: Path, earlier: list[dict], rows: list[dict], outpu
     if conflict.legacy:
         detail = f"{path} and {where}: some rows carry no run identity (written by an older kvzap-eval), others do"
     else:
-        detail = f"{path} holds runs with {conflict.field}={conflict.theirs}, {where} {conflict.ours}"
+        field = conflict.field
+        detail = f"{path} holds runs with {field}={conflict.theirs}, {where} with {field}={conflict.ours}"
     raise TableError(
         f"{detail}: these are different runs; join them on purpose with --allow-mixed (the report then has one"
         " report per identity), or keep them in separate tables"
