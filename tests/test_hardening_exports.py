@@ -186,6 +186,18 @@ def test_an_export_holds_its_surrogates_weights_in_every_dtype(setup, tmp_path, 
         check_layer_files(manifest, directory, paths, list(nudged.layers))
 
 
+def test_a_wide_int8_export_holds_its_surrogates_weights(tmp_path):
+    """Found at D=4096: some MatMulNBits weights lie a whole quantisation step off (not half), and must pass."""
+    from exporters.onnx.identity import check_layer_files
+    from kvzap_eval.surrogate import KVzapSurrogate, SurrogateConfig
+
+    torch.manual_seed(0)
+    surrogate = KVzapSurrogate(SurrogateConfig(576, 3, 1, 256)).eval()
+    directory = main_export(surrogate, tmp_path / "int8", dtype="int8", validate=False, log=lambda _: None).directory
+    manifest = read_manifest(directory)
+    check_layer_files(manifest, directory, [directory / "layer_00.onnx"], list(surrogate.layers))
+
+
 def test_a_manifest_whose_dtype_lies_about_the_files_is_refused(setup, tmp_path):
     directory = copy_export(setup[3], tmp_path / "x")
     edit_manifest(directory, lambda m: m.update(dtype="fp16"))

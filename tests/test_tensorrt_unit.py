@@ -64,7 +64,15 @@ def test_inputs_are_routed_to_the_profile_that_covers_them():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_seq": 0}, {"max_batch": -1}, {"opt_seq": 5, "max_seq": 4}, {"max_seq": 1.5}, {"max_batch": True}]
+    "bad",
+    [
+        {"max_seq": 0},
+        {"max_batch": -1},
+        {"opt_seq": 5, "max_seq": 4},
+        {"max_seq": 1.5},
+        {"max_batch": True},
+        {"opt_seq": True},
+    ],
 )
 def test_bad_profiles_are_refused(bad):
     with pytest.raises(ConfigError, match="TensorRT profile"):

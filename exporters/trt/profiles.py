@@ -27,7 +27,8 @@ class EngineProfiles:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"TensorRT profile {name}={value!r} must be a positive integer")
-        if self.opt_seq is not None and (not isinstance(self.opt_seq, int) or not 1 <= self.opt_seq <= self.max_seq):
+        opt = self.opt_seq
+        if opt is not None and (isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= self.max_seq):
             raise ConfigError(f"TensorRT profile opt_seq={self.opt_seq!r} must lie in 1..max_seq={self.max_seq}")
 
     @property
