@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 from .cli_args import OneLineParser, check_writable_dir
-from .errors import require
+from .errors import ConfigError, require
 from .table import identity_groups, load_table
 
 #: The targets of issue #6 (paper: 2-4x compression with negligible loss): KVzap-MLP at >= 3x within 2 points of
@@ -294,5 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     check_writable_dir(args.out, "--out")
     require("matplotlib", "report")  # before any work: the plots need it
     command = "kvzap-eval report " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
-    print(write_report(args.table, args.out, command))
+    try:
+        print(write_report(args.table, args.out, command))
+    except OSError as error:
+        raise ConfigError(f"--out {args.out}: the report could not be written ({error.strerror})") from None
     return 0

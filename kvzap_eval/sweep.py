@@ -111,6 +111,12 @@ class Shard:
     def select(self, runs: list[Run]) -> list[Run]:
         groups = list(dict.fromkeys((run.task, run.length) for run in runs))
         mine = {group for position, group in enumerate(groups) if position % self.count == self.index}
+        if groups and not mine:
+            print(
+                f"warning: shard {self.index}/{self.count} holds none of the {len(groups)} (task, length) groups:"
+                " nothing to run (give fewer shards than groups)",
+                file=sys.stderr,
+            )
         return [run for run in runs if (run.task, run.length) in mine]
 
 

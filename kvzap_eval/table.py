@@ -210,8 +210,11 @@ def append_row(path: Path, row: dict) -> None:
     while True:
         with _locked(path) as fd:
             if _ends_with_newline(fd):
-                os.write(fd, text)
-                os.fsync(fd)
+                try:
+                    os.write(fd, text)
+                    os.fsync(fd)
+                except OSError as error:  # e.g. a full disk: what was written is a torn line, repaired next time
+                    raise TableError(f"table {path}: the row could not be written ({error.strerror})") from None
                 return
             _repair_locked(scan_table(path))
         # the repair replaced the file: lock the new one and append there
@@ -221,7 +224,10 @@ def write_table(path: Path, rows: Iterable[dict]) -> None:
     """Replace the table `path` with `rows`, atomically, under the writers' lock."""
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
     with _locked(Path(path)):
-        write_text_atomic(path, text)
+        try:
+            write_text_atomic(path, text)
+        except OSError as error:  # the table is left as it was
+            raise TableError(f"table {path} could not be written ({error.strerror}): it is left as it was") from None
 
 
 def check_row(row: dict, where: str) -> dict:

@@ -87,6 +87,31 @@ def test_sweep_rerun_after_a_torn_write_keeps_every_finished_run(tiny, tmp_path)
     assert (tmp_path / f"table.jsonl{TORN_SUFFIX}").read_text() == '{"accuracy": 0.5, "key": "kvzap_m\n'
 
 
+APPENDER = """
+import sys
+from pathlib import Path
+from kvzap_eval.table import append_row
+table, writer, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i in range(count):
+    append_row(table, {"writer": writer, "i": i, "pad": "x" * 3000})
+"""
+
+
+def test_concurrent_writers_and_a_repair_lose_no_row(tmp_path):
+    # two sweeps into one table at a time (README): the torn line one of them finds is moved aside once, under the
+    # writers' lock, and no row goes to the file the repair replaced
+    import subprocess
+    import sys
+
+    table = write_rows(tmp_path / "t.jsonl", [row()], tail='{"torn')
+    writers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(table), str(w), "40"], cwd=REPO) for w in range(4)]
+    assert [writer.wait(timeout=120) for writer in writers] == [0] * 4
+    rows = read_table(table)
+    assert len(rows) == 1 + 4 * 40 and all(json.loads(line) for line in table.read_text().splitlines())
+    assert sorted((r["writer"], r["i"]) for r in rows[1:]) == [(str(w), i) for w in range(4) for i in range(40)]
+    assert (tmp_path / f"t.jsonl{TORN_SUFFIX}").read_text() == '{"torn\n'
+
+
 def test_merge_leaves_out_an_inputs_torn_line_and_moves_the_outputs_aside(tmp_path, capsys):
     identity = {"model": "m"}
     shard = write_rows(tmp_path / "s.jsonl", [row(task="a", identity=identity)], tail='{"acc')
@@ -414,3 +439,10 @@ def test_every_bad_merge_argument_is_one_line(tmp_path, capsys):
     bad = write_rows(tmp_path / "b.jsonl", [{k: v for k, v in row().items() if k != "key"}])
     assert "has no 'key'" in one_error_line(capsys, ["merge", "--output", str(tmp_path / "m"), str(bad)])
     assert "required" in one_error_line(capsys, ["merge", str(good)])
+
+
+def test_a_shard_without_runs_says_so(tiny, tmp_path, capsys):
+    from kvzap_eval.sweep import Shard, plan
+
+    assert plan(config_for(tiny, tmp_path / "t.jsonl", shard=Shard(1, 2))) == []
+    assert "shard 1/2 holds none of the 1 (task, length) groups" in capsys.readouterr().err
