@@ -439,3 +439,16 @@ def test_an_unwritable_export_cache_is_one_line(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("KVZAP_EVAL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"the kvzap-eval cache '.*' lies under the file .*set KVZAP_EVAL_CACHE"):
         load(setup, None)
+
+
+def test_a_tampered_export_in_the_cache_says_how_to_make_it_again(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVZAP_EVAL_CACHE", str(tmp_path / "cache"))
+    load(setup, None)  # exported into the cache on first use
+    (cached,) = (tmp_path / "cache" / "onnx").iterdir()
+    swap_layers(cached)
+    with pytest.raises(
+        ArtifactError, match=rf"not layer 0: .*kvzap-eval's cache: remove '{cached}' and it is made again"
+    ):
+        load(setup, None)
+    shutil.rmtree(cached)
+    assert load(setup, None).manifest.validation == "passed"

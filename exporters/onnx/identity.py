@@ -39,10 +39,7 @@ _EXTERNAL = 1  # TensorProto.EXTERNAL
 
 
 def _fix(directory: Path) -> str:
-    return (
-        f"re-export this surrogate (python -m exporters.onnx <hub id | checkpoint dir> --out DIR; an export in the "
-        f"kvzap-eval cache is made again once {str(directory)!r} is removed)"
-    )
+    return f"re-export this surrogate (python -m exporters.onnx <hub id | checkpoint dir> --out {directory})"
 
 
 def load_layer_model(path: Path, where: str = "layer file"):

@@ -50,11 +50,17 @@ def checked_export(
         problem = "is a file, not an export directory" if directory.exists() else "does not exist"
         raise ArtifactError(f"artifact directory {str(directory)!r} {problem}: export into a directory first "
                             "(python -m exporters.onnx <hub id | checkpoint dir> --out DIR)")  # fmt: skip
-    manifest = read_manifest(directory)
-    check_manifest(manifest, surrogate.config, n_layers=n_layers, weights_sha256=fingerprint,
-                   where=f"the export in {str(directory)!r}")  # fmt: skip
-    paths = verify_layer_files(manifest, directory)
-    check_layer_files(manifest, directory, paths, list(surrogate.layers))
+    try:
+        manifest = read_manifest(directory)
+        check_manifest(manifest, surrogate.config, n_layers=n_layers, weights_sha256=fingerprint,
+                       where=f"the export in {str(directory)!r}")  # fmt: skip
+        paths = verify_layer_files(manifest, directory)
+        check_layer_files(manifest, directory, paths, list(surrogate.layers))
+    except ArtifactError as exc:
+        if artifacts is not None:
+            raise
+        raise ArtifactError(f"{exc} (this export is kvzap-eval's cache: remove {str(directory)!r} and it is made "
+                            "again on next use)") from None  # fmt: skip
     if manifest.validation == "failed (allowed)":
         print(f"warning: the export in {directory} failed validation and was kept with --allow-mismatch",
               file=sys.stderr)  # fmt: skip
