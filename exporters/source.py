@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kvzap_eval.errors import ConfigError
 from kvzap_eval.surrogate import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -94,6 +95,8 @@ def load_source(
         name = surrogate.source or f"<in memory {surrogate.model_type}>"
         return surrogate, SourceInfo(name, weights_sha256(surrogate))
     text = os.fspath(source)
+    if revision is not None and Path(text).expanduser().is_dir():
+        raise ConfigError(f"--revision {revision} applies to hub ids, not to the local directory {text!r}: drop it")
     surrogate = load_surrogate(text, revision=revision, dtype=torch.float32)
     directory = _checkpoint_dir(text, revision)
     files = {name: file_sha256(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}

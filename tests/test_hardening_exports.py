@@ -341,6 +341,11 @@ def test_onnx_cli_corrupt_surrogate_checkpoint_is_one_line(setup, tmp_path, caps
     assert "are not a readable safetensors file" in one_error_line(capsys)
 
 
+def test_onnx_cli_revision_of_a_local_directory_is_refused(setup, tmp_path, capsys):
+    assert onnx_cli(onnx_args(setup[2], "--out", str(tmp_path / "o"), "--revision", "v2")) == 1
+    assert "--revision v2 applies to hub ids, not to the local directory" in one_error_line(capsys)
+
+
 def test_onnx_cli_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         onnx_cli(["x", "--threshold", "high"])
