@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import EmbeddedModelError
+from .errors import EmbeddedModelError, ModelNotFoundError
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_NAME = EMBEDDED_MODEL_ID.rsplit("/", 1)[1]
@@ -101,10 +101,56 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_pretrained(name: str | None) -> str:
-    """Map None or an alias of the embedded model to its converted directory; return any other name unchanged."""
+    """Map None or an alias of the embedded model to its converted directory; check any other name.
+
+    A directory must hold a `config.json`; a name that is not a directory must be a hub id, and offline
+    (`HF_HUB_OFFLINE`) one already in the local Hugging Face cache. Anything else is a `ModelNotFoundError`.
+    """
     if name is None or name in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
-    return name
+    text = os.fspath(name)
+    if not text.strip():
+        raise ModelNotFoundError("the model name is empty: give a directory or a hub id, or leave it out for SmolLM2")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model directory {text!r} has no config.json: give a directory written by save_pretrained, or a hub id"
+            )
+        return str(path) if text.startswith("~") else text
+    if path.exists():
+        raise ModelNotFoundError(f"model {text!r} is a file: give the model's directory (with config.json) or a hub id")
+    if _looks_like_path(text):
+        raise ModelNotFoundError(
+            f"model directory {text!r} does not exist: give an existing directory or a hub id (owner/name)"
+        )
+    _check_hub_id_available(text)
+    return text
+
+
+def _looks_like_path(text: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else that is not an existing directory is a missing path."""
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+
+
+def _check_hub_id_available(repo_id: str) -> None:
+    """Offline, a hub id must already be in the local Hugging Face cache (online, transformers downloads it)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    from .surrogate.hub import _hub_cache_dir, _offline
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache_dir())
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is neither an existing directory nor a valid hub id: give a directory or owner/name"
+        ) from None
+    if _offline() and not isinstance(cached, str):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not a directory and not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+            f"give a directory, a cached hub id, or unset HF_HUB_OFFLINE to download it"
+        )
 
 
 def load_embedded(dtype: Any = None) -> tuple[Any, Any]:

@@ -37,6 +37,10 @@ class UnsupportedModelError(KVzapError):
     """The LLM's architecture is not one the runtime supports."""
 
 
+class ModelNotFoundError(KVzapError):
+    """The LLM named by a directory or hub id cannot be found or loaded."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise `MissingExtraError` naming the extra to install."""
     import importlib

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import fields
@@ -25,52 +26,29 @@ from tqdm import tqdm
 from . import sample_stats
 from .embedded import resolve_pretrained
 from .errors import ConfigError
-from .methods import FIXED_RATIO_METHODS, PREFILL_ONLY_METHODS, MethodConfig, build_method
+from .loading import load_model_config
+from .methods import PREFILL_ONLY_METHODS, MethodConfig, as_whole_number, build_method, check_setting
 from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
 from .run_stats import RunStats
 from .runtime import KVzapSession, compress
 
-#: model_args of our own, with their coercions (lm-eval passes -5 as int or float, booleans as bool or str).
-OWN_ARGS = {
-    "surrogate": str,
-    "model_type": str,
-    "threshold": float,
-    "window": int,
-    "method": str,
-    "compression_ratio": float,
-    "backend": str,
-    "backend_dir": str,
-    "backend_threads": int,
-    "decoding": "bool",
-    "n_sink": int,
-    "alpha": float,
-    "seed": int,
-    "protocol": str,
-    "prefill_chunk": int,
-}
+#: model_args of our own: every `MethodConfig` setting (checked there, by the same rules as the Python API) and the
+#: evaluation protocol. lm-eval passes -5 as int or float and booleans as bool or str; both are accepted.
+METHOD_ARGS = tuple(f.name for f in fields(MethodConfig))
+OWN_ARGS = (*METHOD_ARGS, "protocol", "prefill_chunk")
 #: from_pretrained keywords accepted besides HFLM's named parameters.
 FROM_PRETRAINED_ARGS = {"attn_implementation", "low_cpu_mem_usage", "device_map"}
 
 
-def _as_bool(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"model_arg {name}={value!r} must be true or false")
-
-
 def _coerce(name: str, value):
-    kind = OWN_ARGS[name]
-    if kind == "bool":
-        return _as_bool(name, value)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"model_arg {name}={value!r} must be a {kind.__name__}") from None
+    """The checked value of one of our model_args (also what `kvzap-eval sweep --model-args` goes through)."""
+    if name == "protocol":
+        if value not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {value!r}")
+        return value
+    if name == "prefill_chunk":
+        return as_whole_number("prefill_chunk", value, 1)
+    return check_setting(name, value)
 
 
 def _check_known(kwargs: dict) -> None:
@@ -84,23 +62,17 @@ def _check_known(kwargs: dict) -> None:
 
 
 def method_config_from_args(args: dict) -> tuple[MethodConfig, str, int | None]:
-    """Validate our model_args and build the method settings, the protocol and the prefill chunk."""
-    protocol = args.pop("protocol", "paper")
-    chunk = args.pop("prefill_chunk", None)
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if chunk is not None and chunk < 1:
-        raise ConfigError(f"prefill_chunk must be a positive number of tokens, got {chunk}")
+    """Our model_args -> (method settings, protocol, prefill chunk). `MethodConfig` checks the method settings (which
+    apply to the method, and their values); a prefill_chunk without a protocol means protocol=chunked."""
+    args = dict(args)
+    protocol = _coerce("protocol", args.pop("protocol")) if "protocol" in args else None
+    chunk = _coerce("prefill_chunk", args.pop("prefill_chunk")) if "prefill_chunk" in args else None
     if protocol == "chunked" and chunk is None:
         raise ConfigError("protocol=chunked needs prefill_chunk=<tokens>, e.g. prefill_chunk=512")
-    method = args.get("method", "kvzap")
-    if method in FIXED_RATIO_METHODS and "threshold" in args:
-        raise ConfigError(f"threshold is for method=kvzap; method={method} takes compression_ratio instead")
-    if method not in (*FIXED_RATIO_METHODS, "kvzip_plus") and "compression_ratio" in args:
-        raise ConfigError(
-            f"compression_ratio is for fixed-ratio methods ({', '.join(FIXED_RATIO_METHODS)}); "
-            f"method={method} takes threshold instead"
-        )
+    if protocol == "dense" and chunk is not None:
+        raise ConfigError("prefill_chunk does not apply to protocol=dense (one dense prefill): leave one of them out")
+    if protocol is None:
+        protocol = "chunked" if chunk is not None else "paper"
     return MethodConfig(**args), protocol, chunk
 
 
@@ -109,11 +81,12 @@ class KVzapHFLM(HFLM):
 
     def __init__(self, pretrained: str | None = None, **kwargs) -> None:
         _check_known(kwargs)
-        own = {name: _coerce(name, kwargs.pop(name)) for name in list(kwargs) if name in OWN_ARGS}
+        own = {name: kwargs.pop(name) for name in list(kwargs) if name in OWN_ARGS}
         self.method_config, self.protocol, self.prefill_chunk = method_config_from_args(own)
-        if self.prefill_chunk is not None and self.protocol == "paper":
-            self.protocol = "chunked" if own.get("protocol") is None else self.protocol
-        super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
+        if isinstance(pretrained, (str, os.PathLike)) or pretrained is None:
+            pretrained = resolve_pretrained(pretrained)
+            load_model_config(pretrained)  # an unsupported or unloadable model fails here, before HFLM loads weights
+        super().__init__(pretrained=pretrained, **kwargs)
         self._join_data_parallel()
         self.method = build_method(self.model, self.method_config, tokenizer=self.tokenizer)
         self._question_tokens: dict[tuple[int, ...], tuple[int, str | None, str]] = {}

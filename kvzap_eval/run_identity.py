@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -162,9 +162,9 @@ def _task_info(cfg: dict) -> TaskInfo:
 
 def method_settings(model_args: dict) -> dict:
     """The settings every run of a sweep shares: `MethodConfig`'s defaults overlaid with `model_args`."""
-    from .methods import MethodConfig
+    from .methods import DEFAULTS
 
-    defaults = {f.name: f.default for f in fields(MethodConfig) if f.name not in NOT_SETTINGS}
+    defaults = {name: value for name, value in DEFAULTS.items() if name not in NOT_SETTINGS}
     return {**defaults, **{k: v for k, v in model_args.items() if k not in NOT_SETTINGS}}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +26,9 @@ from .methods import Method
 from .model_info import attention_modules, check_supported
 from .scorers import LayerCall
 from .stats import CompressionStats
+
+#: Models inside a compress() block now: one block per model at a time.
+_MODELS_IN_A_BLOCK: weakref.WeakSet = weakref.WeakSet()
 
 
 class ScorerTimer:
@@ -50,6 +54,7 @@ class KVzapSession:
 
     def __init__(self, model: torch.nn.Module, method: Method) -> None:
         check_supported(model)
+        check_method_fits(model, method)
         self.model = model
         self.method = method
         self.attention_modules = attention_modules(model)
@@ -57,6 +62,7 @@ class KVzapSession:
         self.timer = ScorerTimer(len(self.attention_modules))
         self.paused = False
         self._handles: list = []
+        self._installed = False  # this session holds the model's one compress() block
         self._base_attention: str | None = None
         parameters = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
@@ -128,12 +134,23 @@ class KVzapSession:
 
     # --- installation ------------------------------------------------------------------------------------------
     def install(self) -> None:
-        attention.register()
-        self._base_attention = self.model.config._attn_implementation
-        self.model.set_attn_implementation(attention.name_for(self._base_attention))
-        self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True))
-        for module in self.attention_modules:
-            self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+        if self.model in _MODELS_IN_A_BLOCK:
+            raise KVzapError(
+                "this model is already inside a compress() block: one block per model at a time (leave the first "
+                "block before entering another, or use session.pause() inside it to run without pruning)"
+            )
+        _MODELS_IN_A_BLOCK.add(self.model)
+        self._installed = True
+        try:
+            attention.register()
+            self._base_attention = self.model.config._attn_implementation
+            self.model.set_attn_implementation(attention.name_for(self._base_attention))
+            self._handles.append(self.model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True))
+            for module in self.attention_modules:
+                self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -142,6 +159,23 @@ class KVzapSession:
         if self._base_attention is not None:
             self.model.set_attn_implementation(self._base_attention)
             self._base_attention = None
+        if self._installed:
+            _MODELS_IN_A_BLOCK.discard(self.model)
+            self._installed = False
+
+
+def check_method_fits(model: torch.nn.Module, method: Method) -> None:
+    """Refuse a method built for another model (another shape or placement, or a scorer bound to another model)."""
+    shape = getattr(method, "built_for", None)
+    problem = shape.mismatch(model) if shape is not None else None
+    if problem is not None:
+        raise KVzapError(problem)
+    owner = getattr(method.scorer, "model", None)
+    if isinstance(owner, torch.nn.Module) and owner is not model:
+        raise KVzapError(
+            f"this method's {type(method.scorer).__name__} scores with another model object than the one compressed: "
+            "call build_method(model, ...) with the model you compress"
+        )
 
 
 @contextmanager

@@ -282,7 +282,11 @@ def accuracy_of(task_results: dict, length: int) -> float:
 
 
 def method_config(run: Run, done: dict[str, dict], model_args: dict) -> MethodConfig:
-    settings = {**model_args, **SWEEP_METHODS[run.method]}
+    """The run's settings: its method's, its tau or matched ratio, and of the shared `model_args` those its method
+    takes (`methods.applicable`: e.g. `window` goes to kvzap and the KVzip+ threshold oracle, not to random)."""
+    from .methods import applicable
+
+    settings = dict(SWEEP_METHODS[run.method])
     if run.threshold is not None:
         settings["threshold"] = run.threshold
     if run.matched_threshold is not None:
@@ -290,7 +294,7 @@ def method_config(run: Run, done: dict[str, dict], model_args: dict) -> MethodCo
         if reference is None:
             raise ConfigError(f"run {run.key} needs the {REFERENCE} run at tau={run.matched_threshold} first")
         settings["compression_ratio"] = min(0.999, reference["compression_ratio"])
-    return MethodConfig(**settings)
+    return MethodConfig(**applicable(settings["method"], {**model_args, **settings}))
 
 
 def identify(config: SweepConfig) -> SweepIdentity:

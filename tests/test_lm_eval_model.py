@@ -26,7 +26,9 @@ from .lmeval_helpers import ENV, TASKS  # noqa: E402
 
 
 def make_lm(tiny, **model_args):
-    settings = dict(pretrained=tiny["model"], surrogate=tiny["surrogate"], device="cpu", dtype="float32")
+    settings = dict(pretrained=tiny["model"], device="cpu", dtype="float32")
+    if model_args.get("method", "kvzap") in ("kvzap", "kvzap_adakv"):
+        settings["surrogate"] = tiny["surrogate"]  # only the KVzap methods take a surrogate
     settings.update(model_args)
     return KVzapHFLM(**settings)
 
@@ -122,8 +124,8 @@ def test_split_and_chunks():
     "args, message",
     [
         ({"thresold": -5}, "unknown model_arg 'thresold'.*did you mean 'threshold'"),
-        ({"method": "random", "threshold": -5, "compression_ratio": 0.5}, "threshold is for method=kvzap"),
-        ({"compression_ratio": 0.5}, "compression_ratio is for fixed-ratio"),
+        ({"method": "random", "threshold": -5, "compression_ratio": 0.5}, "method random does not take threshold"),
+        ({"compression_ratio": 0.5}, "method kvzap does not take compression_ratio"),
         ({"protocol": "magic"}, "protocol must be one of"),
         ({"protocol": "chunked"}, "needs prefill_chunk"),
         ({"decoding": "maybe"}, "true or false"),

@@ -37,10 +37,12 @@ def save_surrogate(
     `dtype` None keeps the model's parameter dtype. Returns the directory.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     first = next(model.parameters())
     out_dtype = first.dtype if dtype is None else _as_dtype(dtype)
     tensors = {k: v.detach().to("cpu", out_dtype).contiguous() for k, v in model.state_dict().items()}
+    _check_finite(tensors, f"surrogate to save in {str(directory)!r}", "retrain it (its training diverged) or save "
+                  "it in float32")  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(model.config.to_json_dict(out_dtype), indent=2) + "\n"
 
     temps: list[str] = []
@@ -125,6 +127,16 @@ def _check_tensors(path: Path, config: SurrogateConfig) -> None:
             )
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    """Refuse NaN or infinite weights, naming the first tensor that holds any (they would score every token NaN)."""
+    for key in sorted(tensors):
+        bad = int((~torch.isfinite(tensors[key])).sum())
+        if bad:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensors[key].numel()}: {fix}"
+            )
+
+
 def load_surrogate(
     source: str | os.PathLike,
     *,
@@ -154,9 +166,11 @@ def load_surrogate(
     config = _read_config(directory)
     _check_tensors(weights, config)
     tensors = load_file(str(weights), device="cpu")
+    _check_finite(tensors, f"surrogate weights {str(weights)!r}", "retrain the surrogate or restore its file")
     if dtype is not None:
         target = _as_dtype(dtype)
         tensors = {k: v.to(target) for k, v in tensors.items()}
+        _check_finite(tensors, f"surrogate weights {str(weights)!r} cast to {target}", "load it in a wider dtype")
     with torch.device("meta"):
         model = KVzapSurrogate(config)
     model.load_state_dict(tensors, strict=True, assign=True)
