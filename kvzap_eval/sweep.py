@@ -140,13 +140,7 @@ class SweepConfig:
         self.output = Path(self.output)
         check_writable_file(self.output, "--output")
         self.tasks, self.lengths, self.methods = _unique(self.tasks), _unique(self.lengths), _unique(self.methods)
-        for option, values in (("--tasks", self.tasks), ("--lengths", self.lengths), ("--methods", self.methods)):
-            if not values:
-                raise ConfigError(f"{option} is empty: give at least one")
-        for option, value in [*(("--lengths", n) for n in self.lengths), ("--limit", self.limit),
-                              ("--batch-size", self.batch_size)]:  # fmt: skip
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{option} must be a whole number >= 1, got {value!r}")
+        self._check_counts()
         _check_device(self.device)
         if self.thresholds is None:
             self.thresholds = [recommended_threshold(self.pretrained, self.model_args.get("surrogate"))]
@@ -158,6 +152,16 @@ class SweepConfig:
             raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
         if any(m in MATCHED_METHODS for m in self.methods) and REFERENCE not in self.methods:
             raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
+
+    def _check_counts(self) -> None:
+        """Tasks, lengths and methods given; lengths, limit and batch size whole numbers >= 1."""
+        for option, values in (("--tasks", self.tasks), ("--lengths", self.lengths), ("--methods", self.methods)):
+            if not values:
+                raise ConfigError(f"{option} is empty: give at least one")
+        counts = [("--lengths", n) for n in self.lengths] + [("--limit", self.limit), ("--batch-size", self.batch_size)]
+        for option, value in counts:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{option} must be a whole number >= 1, got {value!r}")
 
 
 def _unique(values: Iterable) -> list:

@@ -361,6 +361,7 @@ def test_report_leaves_out_a_torn_last_line_with_a_warning(tmp_path, capsys):
 
 
 def test_report_refuses_an_out_that_is_a_file_or_under_one(tmp_path, capsys):
+    assert "is not a file" in one_error_line(capsys, ["report", str(tmp_path), "--out", str(tmp_path / "out")])
     table = write_rows(tmp_path / "t.jsonl", [row()])
     assert "is a file, not a directory" in one_error_line(capsys, ["report", str(table), "--out", str(table)])
     line = one_error_line(capsys, ["report", str(table), "--out", str(table / "sub")])
@@ -446,3 +447,20 @@ def test_a_shard_without_runs_says_so(tiny, tmp_path, capsys):
 
     assert plan(config_for(tiny, tmp_path / "t.jsonl", shard=Shard(1, 2))) == []
     assert "shard 1/2 holds none of the 1 (task, length) groups" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"limit": 0}, "--limit must be a whole number >= 1, got 0"),
+        ({"batch_size": -1}, "--batch-size must be"),
+        ({"lengths": [1024, 0]}, "--lengths must be"),
+        ({"lengths": []}, "--lengths is empty"),
+        ({"tasks": []}, "--tasks is empty"),
+        ({"thresholds": [float("inf")]}, "threshold must be finite"),
+        ({"limit": True}, "--limit must be"),
+    ],
+)
+def test_the_sweep_api_refuses_what_the_cli_refuses(tiny, tmp_path, change, says):
+    with pytest.raises(ConfigError, match=says):
+        config_for(tiny, tmp_path / "t.jsonl", **change)
