@@ -312,6 +312,20 @@ def test_onnx_cli_missing_hidden_states_model_fails_before_exporting(setup, tmp_
     assert "does not load as a causal LM" in one_error_line(capsys)
 
 
+def test_onnx_cli_uncached_hidden_states_hub_model_offline_is_one_line(setup, tmp_path):
+    """In a fresh process: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    argv = [str(setup[2]), "--out", str(tmp_path / "o"), "--hidden-states-model", "org/uncached-llm"]
+    run = subprocess.run([sys.executable, "-m", "exporters.onnx", *argv], env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()], "one line, no traceback"
+    assert run.stderr.startswith("error: --hidden-states-model 'org/uncached-llm' does not load as a causal LM")
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
