@@ -55,9 +55,7 @@ def load_layer_model(path: Path, where: str = "layer file"):
 
 def _initializer_tensor(init) -> torch.Tensor:
     """An initializer's values as a CPU tensor (raw little-endian bytes or onnx's typed fields)."""
-    dtype = _TORCH_TYPES.get(init.data_type)
-    if dtype is None:
-        raise ValueError(f"element type {init.data_type}")
+    dtype = _TORCH_TYPES[init.data_type]
     if init.raw_data:
         return torch.frombuffer(bytearray(init.raw_data), dtype=dtype).reshape(tuple(init.dims))
     from onnx import numpy_helper
@@ -96,7 +94,9 @@ def _dequantised_weights(
 
 def weights_problem(model, layer: nn.Module, dtype: str) -> str | None:
     """Why `model` does not hold exactly `layer`'s weights in `dtype` (None when it does); see the module docstring."""
-    initializers = {init.name: _initializer_tensor(init) for init in model.graph.initializer}
+    # other element types hold no weight of ours (and a weight stored in one is missing from the file)
+    kept = [init for init in model.graph.initializer if init.data_type in _TORCH_TYPES]
+    initializers = {init.name: _initializer_tensor(init) for init in kept}
     quantised = _dequantised_weights(model, initializers)
     used_by_quantised = set().union(*(names for names, _, _ in quantised))
     floats = {name: t for name, t in initializers.items() if t.is_floating_point() and name not in used_by_quantised}
