@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
 
+from .atomic import write_text_atomic
 from .backends import TorchBackend
+from .cli_args import OneLineParser, check_writable_file, finite_float, positive_int
+from .errors import ConfigError
 from .surrogate import KVzapSurrogate, SurrogateConfig
 
 SCORER_SHAPES = {"SmolLM2-135M (D=576)": (576, 3), "Qwen3-8B (D=4096)": (4096, 8)}
@@ -99,17 +102,22 @@ def bench_generate(context_tokens: int, new_tokens: int, repeats: int, threshold
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvzap-eval bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="kvzap-eval bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, torch.get_num_threads()])
     parser.add_argument("--skip-generate", action="store_true")
-    parser.add_argument("--context-tokens", type=int, default=1000)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threshold", type=float, default=None)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--context-tokens", type=positive_int, default=1000)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threshold", type=finite_float, default=None)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
     results = {"scorer": [row for t in dict.fromkeys(args.threads) for row in bench_scorer(t)]}
     print("(a) decode scorer call [1,1,D], MLP surrogate, median us per call")
     print("| shape | threads | kvpress-style | ours | ours / kvpress |\n|---|---|---|---|---|")
@@ -131,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{gen['prefill_kv_bytes_fraction']:.3f} (with slot bookkeeping {gen['prefill_all_bytes_fraction']:.3f}); "
             f"target <= {gen['target_bytes_fraction']:.3f}"
         )
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    if args.json is not None:
+        try:
+            write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write --json {args.json} ({exc.strerror}): give another path") from None
     return 0
 
 

@@ -40,6 +40,8 @@ from .train_errors import OutputDirError, TeacherError
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 X_DTYPES = ("float16", "float32")
+#: Manifest keys that readers of a collection need.
+MANIFEST_KEYS = ("tokens_per_prompt", "num_layers", "done", "prompts")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class _RowFile:
     def __init__(self, path: Path, n_rows: int, row_shape: tuple[int, ...], dtype: str, create: bool) -> None:
         if create:
             np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n_rows, *row_shape)).flush()
+        else:
+            _check_existing(path, (n_rows, *row_shape), np.dtype(dtype))
         self.path = path
         self.dtype = np.dtype(dtype)
         self.row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
@@ -95,6 +99,22 @@ class _RowFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _check_existing(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse to resume into a file that is missing, truncated, or of another shape or dtype than this run's."""
+    try:
+        existing = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise OutputDirError(
+            f"{path} is missing or damaged ({exc}): use --force to start the collection over"
+        ) from None
+    found = (existing.shape, existing.dtype)
+    del existing
+    if found != (shape, dtype):
+        raise OutputDirError(
+            f"{path} holds {found[0]} {found[1]}, this run needs {shape} {dtype}: use --force to start over"
+        )
 
 
 def _data_offset(path: Path) -> int:
@@ -131,8 +151,10 @@ def _check_resumable(directory: Path, settings: dict[str, Any]) -> tuple[list[in
     """The finished prompts and the time and memory spent so far, after checking the settings are the same."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OutputDirError(f"{directory} has no readable {MANIFEST} to resume from ({exc}): use --force") from None
+    if not isinstance(manifest, dict):
+        raise OutputDirError(f"{directory / MANIFEST} is not a collection manifest: use --force")
     changed = [k for k in settings if manifest.get(k) != settings[k]]
     if changed:
         raise OutputDirError(
@@ -270,8 +292,15 @@ class CollectedData:
         self.directory = Path(directory)
         try:
             self.manifest = json.loads((self.directory / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise OutputDirError(f"{self.directory} holds no readable collection ({exc}): run the collection") from None
+        missing = (
+            [key for key in MANIFEST_KEYS if key not in self.manifest] if isinstance(self.manifest, dict) else ["*"]
+        )
+        if missing:
+            raise OutputDirError(
+                f"{self.directory / MANIFEST} is not a collection manifest (missing {', '.join(missing)}): use --force"
+            )
         self.k = self.manifest["tokens_per_prompt"]
         self.num_layers = self.manifest["num_layers"]
         done = set(self.manifest["done"])

@@ -102,6 +102,7 @@ def text_files(paths: Sequence[str | os.PathLike]) -> list[Document]:
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         elif path.is_file():
+            _check_text_file(path)
             files.append(path)
         else:
             raise CorpusError(f"corpus path {str(path)!r} does not exist: pass text files or directories")
@@ -109,6 +110,16 @@ def text_files(paths: Sequence[str | os.PathLike]) -> list[Document]:
     if not docs:
         raise CorpusError(f"corpus {', '.join(map(str, paths))} holds no readable UTF-8 text: pass text files")
     return docs
+
+
+def _check_text_file(path: Path) -> None:
+    """A file named by the user must be readable UTF-8 text (files found in a directory are skipped otherwise)."""
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CorpusError(f"corpus file {str(path)!r} is not UTF-8 text: pass text files") from None
+    except OSError as exc:
+        raise CorpusError(f"corpus file {str(path)!r} cannot be read ({exc.strerror}): check its permissions") from None
 
 
 def builtin_documents(source: str) -> list[Document]:

@@ -6,12 +6,12 @@ both answers, the achieved compression ratio and the KV bytes held against a ful
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
 import torch
 
+from .cli_args import OneLineParser, finite_float, non_negative_int, positive_int
 from .loading import load_causal_lm
 from .methods import METHODS, MethodConfig, build_method
 from .runtime import compress
@@ -39,34 +39,34 @@ def _generate(model, tokenizer, inputs, max_new_tokens: int) -> tuple[str, float
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip(), seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvzap-eval demo", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="kvzap-eval demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="hub id or directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="kvzap", choices=METHODS)
-    parser.add_argument("--threshold", type=float, default=None, help="kvzap tau (default: the surrogate's)")
-    parser.add_argument("--compression-ratio", type=float, default=None, help="for fixed-ratio methods")
+    parser.add_argument("--threshold", type=finite_float, default=None, help="kvzap tau (default: the surrogate's)")
+    parser.add_argument("--compression-ratio", type=finite_float, default=None, help="for fixed-ratio methods")
     parser.add_argument("--surrogate", default=None, help="surrogate hub id or directory (default: naming rule)")
-    parser.add_argument("--model-type", default="mlp", choices=["linear", "mlp"])
-    parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--context-tokens", type=int, default=1000)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--model-type", default=None, choices=["linear", "mlp"], help="surrogate type (default mlp)")
+    parser.add_argument("--window", type=non_negative_int, default=None, help="kvzap window (default 128)")
+    parser.add_argument("--context-tokens", type=positive_int, default=1000)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=24)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="where the number hides")
+    return parser
 
-    config = MethodConfig(
-        method=args.method,
-        threshold=args.threshold,
-        compression_ratio=args.compression_ratio,
-        surrogate=args.surrogate,
-        model_type=args.model_type,
-        window=args.window,
-    )
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = {"threshold": args.threshold, "compression_ratio": args.compression_ratio, "surrogate": args.surrogate,
+                "model_type": args.model_type, "window": args.window}  # fmt: skip
+    config = MethodConfig(method=args.method, **{name: value for name, value in settings.items() if value is not None})
     model, tokenizer = load_causal_lm(args.model)
-    method = build_method(model, config)
+    method = build_method(model, config, tokenizer=tokenizer)
     text, number = needle_prompt(tokenizer, args.context_tokens, args.seed)
     inputs = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         full_answer, full_seconds = _generate(model, tokenizer, inputs, args.max_new_tokens)
+        if method.scorer is not None:
+            method.scorer.prepare(inputs["input_ids"], inputs["attention_mask"])
         with compress(model, method) as session:
             answer, seconds = _generate(model, tokenizer, inputs, args.max_new_tokens)
             stats = session.stats()

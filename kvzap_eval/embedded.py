@@ -96,7 +96,13 @@ def embedded_model_dir() -> Path:
         gguf_path = embedded_gguf_path()
         if target.exists():  # a foreign or stale directory without the marker: never reuse it
             raise EmbeddedModelError(f"{target} exists but is not a complete conversion: delete it and retry")
-        _convert(gguf_path, target)
+        try:
+            _convert(gguf_path, target)
+        except OSError as exc:
+            raise EmbeddedModelError(
+                f"cannot write the converted model to {target} ({exc.strerror or exc}): set KVZAP_EVAL_CACHE to a "
+                "writable directory"
+            ) from None
     return target
 
 

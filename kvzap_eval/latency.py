@@ -18,7 +18,6 @@ reports the scorer time as a fraction of it. Writes `latency.md`, `latency.json`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,7 +29,9 @@ from pathlib import Path
 import torch
 from torch.utils.benchmark import Timer
 
-from .errors import KVzapError
+from .atomic import write_text_atomic
+from .cli_args import OneLineParser, check_writable_dir, positive_float, positive_int
+from .errors import ConfigError, KVzapError
 from .surrogate import (
     KVzapSurrogate,
     SurrogateConfig,
@@ -354,19 +355,35 @@ def render_png(report: Report, path: Path) -> None:
 
 def load_report(path: Path) -> Report:
     """A report back from its `latency.json` (to re-render the markdown and chart without measuring again)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return Report([Row(**row) for row in data["rows"]], list(data.get("notes", [])), list(data["decoder_layer"]),
-                  dict(data["environment"]))  # fmt: skip
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        report = Report([Row(**row) for row in data["rows"]], list(data.get("notes", [])),
+                        list(data["decoder_layer"]), dict(data["environment"]))  # fmt: skip
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--from-json {path}: no such file: give a latency.json written by kvzap-eval latency"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--from-json {path} is not readable JSON ({exc}): give a latency.json") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"--from-json {path} is not a latency.json written by kvzap-eval latency (bad or missing field: {exc})"
+        ) from None
+    return report
 
 
 def write_report(report: Report, out: Path) -> list[Path]:
     """latency.md, latency.json and (when matplotlib is installed) latency.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {out} ({exc.strerror}): give another directory") from None
     paths = [out / "latency.md", out / "latency.json"]
-    paths[0].write_text(render_markdown(report), encoding="utf-8")
+    write_text_atomic(paths[0], render_markdown(report))
     data = {"environment": report.environment, "rows": [asdict(r) for r in report.rows], "notes": report.notes,
             "decoder_layer": report.decoder_layer}  # fmt: skip
-    paths[1].write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(paths[1], json.dumps(data, indent=2) + "\n")
     try:
         render_png(report, out / "latency.png")
         paths.append(out / "latency.png")
@@ -410,22 +427,44 @@ def run_latency(cases: Sequence[Case], threads: Sequence[int], prefill: Sequence
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvzap-eval latency", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="kvzap-eval latency", description=__doc__.splitlines()[0])
     parser.add_argument("--surrogates", nargs="+", default=list(SURROGATES), choices=list(SURROGATES))
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
-    parser.add_argument("--prefill", type=int, nargs="*", default=list(DEFAULT_PREFILL))
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, torch.get_num_threads()])
+    parser.add_argument("--prefill", type=positive_int, nargs="*", default=list(DEFAULT_PREFILL))
     parser.add_argument("--backends", nargs="+", choices=BACKEND_NAMES, help="default: every available one")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per (phase, backend), all rounds")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-time", type=positive_float, default=0.5,
+                        help="seconds per (phase, backend), all rounds")  # fmt: skip
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--no-layer-fraction", action="store_true", help="skip timing the SmolLM2 decoder layer")
-    parser.add_argument("--out", default="reports/latency")
-    parser.add_argument("--from-json", help="re-render a latency.json into --out instead of measuring")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("reports/latency"))
+    parser.add_argument("--from-json", type=Path, help="re-render a latency.json into --out instead of measuring")
+    return parser
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device named by --device, refused when it does not exist here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: use cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: use cpu or cuda[:i]")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_writable_dir(args.out, "--out")
     if args.from_json:
-        print("wrote " + ", ".join(str(p) for p in write_report(load_report(args.from_json), Path(args.out))))
+        print("wrote " + ", ".join(str(p) for p in write_report(load_report(args.from_json), args.out)))
         return 0
+    check_device(args.device)
 
     cases = [make_case(name) for name in args.surrogates]
     if args.device.startswith("cuda"):
@@ -433,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             case.surrogate.to(args.device)
     report = run_latency(cases, list(dict.fromkeys(args.threads)), args.prefill, args.min_run_time, args.rounds,
                          args.device, args.backends, not args.no_layer_fraction)  # fmt: skip
-    paths = write_report(report, Path(args.out))
+    paths = write_report(report, args.out)
     print(render_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0

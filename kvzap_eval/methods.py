@@ -244,6 +244,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         self.method = check_setting("method", self.method)
         given = [f.name for f in fields(self) if f.name != "method" and getattr(self, f.name) is not None]
+        self._given = frozenset(given)  # not a field: what the caller set, before defaults
         _refuse_not_taken(self.method, given)
         for name in given:
             setattr(self, name, check_setting(name, getattr(self, name)))
@@ -254,6 +255,10 @@ class MethodConfig:
         for name in settings_taken(self.method, given):
             if getattr(self, name) is None and name in DEFAULTS:
                 setattr(self, name, DEFAULTS[name])
+
+    def was_given(self, name: str) -> bool:
+        """Whether the caller set `name` (rather than it taking its default)."""
+        return name in getattr(self, "_given", ())
 
     def active_settings(self) -> dict:
         """The settings this method runs with, `method` included (defaults applied, the ones it does not take left
@@ -338,4 +343,9 @@ def _load_checked_surrogate(model: torch.nn.Module, config: MethodConfig):
     source = resolve_surrogate_source(model.config, config.surrogate, config.model_type)
     surrogate = load_surrogate(source)
     check_against_model(surrogate.config, model.config)
+    if config.surrogate is not None and config.was_given("model_type") and surrogate.model_type != config.model_type:
+        raise ConfigError(
+            f"surrogate {config.surrogate!r} is of type {surrogate.model_type}, but model_type={config.model_type}: "
+            "give a surrogate of that type, or leave model_type out"
+        )
     return surrogate

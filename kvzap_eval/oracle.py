@@ -107,6 +107,7 @@ class OracleConfig:
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.compression_ratio is None):
             raise ConfigError("the oracle needs exactly one of threshold=<log-score> or compression_ratio=<[0, 1)>")
+        oracle_policy(self)  # checks threshold, window, ratio, scope and alpha now, not at the first prefill
 
 
 @dataclass

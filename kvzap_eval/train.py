@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import shlex
 import shutil
 import sys
@@ -25,15 +26,17 @@ import numpy as np
 import torch
 
 from .calibration import Calibration, CalibrationConfig, calibrate
+from .cli_args import OneLineParser, check_writable_dir, non_negative_int, open_fraction, positive_float, positive_int
 from .collect import CollectConfig, CollectedData, collect, peak_rss_mb
 from .corpus import BUILTIN_SOURCES, Corpus, CorpusConfig, build_corpus
 from .errors import ConfigError, KVzapError
 from .surrogate import KVzapSurrogate, save_surrogate, surrogate_config_for
-from .train_errors import OutputDirError
+from .train_errors import CorpusError, OutputDirError
 from .training import MLPConfig, RidgeAccumulator, squared_pearson, train_mlp
 from .training_report import probe_scores, write_report
 
 TYPES = ("linear", "mlp")
+DTYPES = ("float32", "bfloat16", "float16")
 DATA_DIR = "data"
 
 
@@ -62,6 +65,10 @@ class TrainConfig:
             raise ConfigError(f"surrogate type(s) {bad or self.types} unknown: use linear, mlp or both")
         if self.resume and self.force:
             raise ConfigError("--resume and --force exclude each other: pick one")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
+            raise ConfigError(f"ridge alpha must be a finite number above 0, got {self.ridge_alpha}")
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -85,22 +92,34 @@ def prepare_output(out: Path, resume: bool, force: bool) -> None:
         raise OutputDirError(
             f"output directory {str(out)!r} is not empty: pass --resume to continue its run or --force to overwrite"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot create output directory {str(out)!r} ({exc.strerror}): give another --out"
+        ) from None
 
 
 def load_model(name: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     """A causal LM (eval mode) and its fast tokenizer from a hub id, a directory, or the embedded model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .loading import load_causal_lm
 
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return load_causal_lm(name, dtype=getattr(torch, dtype))
+
+
+def check_inputs(config: TrainConfig, out: Path) -> None:
+    """Everything that can be checked before any work or any change to --out: the model (found, supported), the
+    corpus files, and that --out can be written."""
     from .embedded import resolve_pretrained
+    from .loading import load_model_config
 
-    path = resolve_pretrained(name)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ConfigError(f"--dtype {dtype!r} is not a torch dtype: use float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    load_model_config(resolve_pretrained(config.model))
+    for name in config.corpus.files:
+        if not Path(name).expanduser().exists():
+            raise CorpusError(f"corpus path {name!r} does not exist: pass text files or directories")
+    check_writable_dir(out, "--out")
 
 
 def _layers(n: int, desc: str, progress: bool):
@@ -136,6 +155,10 @@ def fit_mlp(
     for layer in _layers(data.num_layers, "mlp", progress):
         hidden = surrogate.config.hidden_dim
         mlp, history = train_mlp(data.x(layer, "train"), y_all[:, layer], hidden, config, groups=prompts)
+        if not all(torch.isfinite(p).all() for p in mlp.parameters()):
+            raise ConfigError(
+                f"MLP training of layer {layer} diverged (non-finite weights): lower --lr (now {config.lr})"
+            )
         surrogate.layers[layer].load_state_dict(mlp.state_dict())
         epoch = history.best_epoch or len(history.train_loss)
         losses.append(
@@ -201,6 +224,7 @@ def train_surrogates(config: TrainConfig) -> TrainResult:
     """Run the whole pipeline (see the module docstring)."""
     started = time.perf_counter()
     out = Path(config.out).expanduser()
+    check_inputs(config, out)
     prepare_output(out, config.resume, config.force)
     model, tokenizer = load_model(config.model, config.dtype)
     basename = str(getattr(model.config, "name_or_path", "") or config.model).rstrip("/").split("/")[-1]
@@ -277,7 +301,7 @@ def _type_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kvzap_eval.train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m kvzap_eval.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded", help="hub id, local directory, or 'embedded' (SmolLM2-135M)")
     p.add_argument("--out", required=True, help="output directory (must be empty unless --resume/--force)")
     p.add_argument(
@@ -291,12 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
     g.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
     d = CorpusConfig()
-    p.add_argument("--train-prompts", type=int, default=d.n_train, help="training prompts (default %(default)s)")
-    p.add_argument("--test-prompts-per-source", type=int, default=d.n_test_per_source)
-    p.add_argument("--min-tokens", type=int, default=d.min_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument(
+        "--train-prompts", type=positive_int, default=d.n_train, help="training prompts (default %(default)s)"
+    )
+    p.add_argument("--test-prompts-per-source", type=positive_int, default=d.n_test_per_source)
+    p.add_argument("--min-tokens", type=positive_int, default=d.min_tokens)
+    p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens)
     c = CollectConfig()
-    p.add_argument("--tokens-per-prompt", type=int, default=c.tokens_per_prompt)
+    p.add_argument("--tokens-per-prompt", type=positive_int, default=c.tokens_per_prompt)
     p.add_argument("--x-dtype", choices=["float16", "float32"], default=c.x_dtype, help="stored dtype of X")
     p.add_argument(
         "--attention",
@@ -304,11 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=c.attention,
         help="teacher attention: block = SDPA + the needed probabilities only; eager = full matrices",
     )
-    p.add_argument("--seed", type=int, default=0, help="corpus, sampling and MLP seed")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="corpus, sampling and MLP seed")
     m = MLPConfig()
-    p.add_argument("--epochs", type=int, default=m.epochs)
-    p.add_argument("--lr", type=float, default=m.lr)
-    p.add_argument("--batch-size", type=int, default=m.batch_size)
+    p.add_argument("--epochs", type=positive_int, default=m.epochs)
+    p.add_argument("--lr", type=positive_float, default=m.lr)
+    p.add_argument("--batch-size", type=positive_int, default=m.batch_size)
     p.add_argument(
         "--standardize",
         choices=["global", "feature", "none"],
@@ -320,16 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the last epoch (kvpress) instead of the epoch with the lowest validation MSE",
     )
-    p.add_argument("--alpha", type=float, default=1.0, help="ridge alpha (default %(default)s)")
+    p.add_argument("--alpha", type=positive_float, default=1.0, help="ridge alpha (default %(default)s)")
     p.add_argument(
         "--target-ratio",
-        type=float,
+        type=open_fraction,
         default=CalibrationConfig().target_ratio,
         help="compression ratio the recommended threshold aims at (default 2/3 = 3x)",
     )
-    p.add_argument("--window", type=int, default=CalibrationConfig().window, help="DMS window for calibration")
-    p.add_argument("--dtype", default="float32", help="dtype to run the LLM in (default float32)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--window", type=non_negative_int, default=CalibrationConfig().window, help="DMS window for calibration"
+    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype to run the LLM in (default float32)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--delete-data", action="store_true", help="remove DIR/data after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -384,10 +412,10 @@ def _summary(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         config = config_from_args(args, "python -m kvzap_eval.train " + shlex.join(argv))
         report = train_surrogates(config).report
     except KVzapError as exc:

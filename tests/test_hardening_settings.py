@@ -288,3 +288,11 @@ def test_a_non_finite_surrogate_is_not_saved(llama, tmp_path):
     with pytest.raises(CheckpointError, match="surrogate to save.*'layers.1.2.weight'.*retrain it"):
         save_surrogate(surrogate, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_model_type_that_contradicts_the_given_surrogate_is_refused(llama, tmp_path):
+    path = str(save_surrogate(surrogate_for(llama, "mlp"), tmp_path / "s"))
+    assert build_method(llama, surrogate=path, threshold=0.0).config.model_type == "mlp"  # default: not checked
+    assert build_method(llama, surrogate=path, model_type="mlp", threshold=0.0).scorer is not None
+    with pytest.raises(ConfigError, match=f"surrogate '{path}' is of type mlp, but model_type=linear"):
+        build_method(llama, surrogate=path, model_type="linear", threshold=0.0)

@@ -27,6 +27,10 @@ class FixedRatioPolicy(Policy):
         self.ratio = validate_ratio(self.ratio)
         if self.scope not in ("head", "layer"):
             raise ConfigError(f"scope must be 'head' or 'layer', got {self.scope!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(
+                f"alpha must be a number in [0, 1] (the share of each head's budget protected), got {self.alpha!r}"
+            )
 
     def acts_on(self, q: int) -> bool:
         return q > 1

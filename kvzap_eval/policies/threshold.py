@@ -28,9 +28,11 @@ class ThresholdPolicy(Policy):
 
     def __post_init__(self) -> None:
         self.threshold = validate_threshold(self.threshold)
-        if int(self.window) != self.window or self.window < 0:
-            raise ConfigError(f"window must be a non-negative integer, got {self.window!r} (the paper uses 128)")
-        self.window = int(self.window)
+        window = self.window
+        whole = isinstance(window, int) or (isinstance(window, float) and math.isfinite(window) and window.is_integer())
+        if isinstance(window, bool) or not whole or window < 0:
+            raise ConfigError(f"window must be a non-negative integer, got {window!r} (the paper uses 128)")
+        self.window = int(window)
 
     def acts_on(self, q: int) -> bool:
         return q > 1 or self.decoding

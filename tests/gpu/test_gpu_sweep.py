@@ -26,13 +26,15 @@ def test_every_sweep_method_runs_on_cuda_as_on_cpu(tiny, tmp_path):
 
     from ..lmeval_helpers import sweep_config
 
+    # the tiny sweep gives one (MLP) surrogate=, which kvzap_linear refuses (it would be an MLP run labelled linear)
+    methods = [method for method in SWEEP_METHODS if method != "kvzap_linear"]
     tables = []
     for index, device in enumerate(DEVICES):
-        config = sweep_config(tiny, tmp_path / f"{index}-{device}.jsonl", methods=list(SWEEP_METHODS), device=device)
+        config = sweep_config(tiny, tmp_path / f"{index}-{device}.jsonl", methods=methods, device=device)
         tables.append({row["key"]: row for row in run_sweep(config)})
     cpu, gpu = tables
     assert set(cpu) == set(gpu)
-    assert {row["method"] for row in gpu.values()} == set(SWEEP_METHODS)
+    assert {row["method"] for row in gpu.values()} == set(methods)
     for key, reference in cpu.items():
         row = gpu[key]
         assert row["n"] == reference["n"] == 3, key
