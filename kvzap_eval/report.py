@@ -284,13 +284,22 @@ def _write_one(rows: list[Row], out_dir: Path, command: str) -> Path:
     return write_text_atomic(out_dir / "README.md", text)
 
 
+def default_report_dir(table: Path) -> Path:
+    """Where `kvzap-eval report T.jsonl` writes without --out: a directory beside the table, named after it."""
+    return table.with_name(f"{table.stem}-report")
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
     parser = OneLineParser(prog="kvzap-eval report", description=__doc__.splitlines()[0])
     parser.add_argument("table", type=Path, help="JSONL table written by `kvzap-eval sweep`")
-    parser.add_argument("--out", type=Path, default=Path("reports/accuracy"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report directory (default: <table dir>/<table name>-report, beside it)"
+    )
     args = parser.parse_args(argv)
+    if args.out is None:  # never the committed reports/ by accident
+        args.out = default_report_dir(args.table)
     check_writable_dir(args.out, "--out")
     require("matplotlib", "report")  # before any work: the plots need it
     command = "kvzap-eval report " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))

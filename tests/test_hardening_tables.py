@@ -250,6 +250,16 @@ def test_a_mixed_table_gets_one_report_per_identity(tmp_path, capsys):
     assert "mixes runs of 2 identities" in capsys.readouterr().err
 
 
+def test_report_without_out_writes_beside_its_table_never_into_reports(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    rows = [row("full", task="a", accuracy=0.9), row("kvzap_mlp", "a", 0.8, 0.7, threshold=-3.0)]
+    table = write_rows(tmp_path / "runs" / "mine.jsonl", rows) if (tmp_path / "runs").mkdir() is None else None
+    monkeypatch.chdir(tmp_path)  # a checkout's reports/ would be here
+    assert cli.main(["report", str(table)]) == 0
+    assert (tmp_path / "runs" / "mine-report" / "README.md").is_file()
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.parametrize("name", ["accuracy", "accuracy-n50"])
 def test_the_committed_tables_without_identities_still_report_the_same(name):
     from kvzap_eval.report import markdown
