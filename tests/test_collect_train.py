@@ -336,7 +336,8 @@ def test_shipped_surrogates_reload_and_score_like_the_trained_model(kind, tmp_pa
     local = load_surrogate(directory)
     assert local.config.n_modules == 30 and local.config.input_dim == 576 and local.config.output_dim == 3
     assert local.config.hidden_dim == (None if kind == "linear" else 72)
-    np.testing.assert_allclose(np.array(probe_scores(local)), np.array(report["probe"]["scores"]), rtol=0, atol=0)
+    # equal up to float32 summation order (the BLAS kernel, hence the thread count, may differ from the training run)
+    np.testing.assert_allclose(np.array(probe_scores(local)), np.array(report["probe"]["scores"]), rtol=1e-5, atol=1e-4)
 
     # The same files through the hub path (an offline HF cache), as nvidia/KVzap-* checkpoints are loaded.
     commit = "0" * 40
