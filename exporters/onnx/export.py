@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kvzap_eval.errors import require
-from kvzap_eval.policies import validate_threshold
+from kvzap_eval.runtime.policies import validate_threshold
 from kvzap_eval.surrogate import KVzapSurrogate
 
 from ..dtypes import EXPORT_DTYPES, WEIGHT_ONLY_BITS, parse_dtype
@@ -94,7 +94,7 @@ class LayerGraph(nn.Module):
 
 def default_export_dir(weights_sha256: str, dtype: str) -> Path:
     """The cache directory of an export: `<kvzap-eval cache>/onnx/<weights fingerprint>-<dtype>`."""
-    from kvzap_eval.embedded import embedded_cache_dir
+    from kvzap_eval.llm.embedded import embedded_cache_dir
 
     return embedded_cache_dir() / "onnx" / f"{weights_sha256[:24]}-{parse_dtype(dtype)}"
 
