@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kvzap_eval.errors import require
-from kvzap_eval.runtime.policies import validate_threshold
+from kvzap_eval.settings import DEFAULT_THRESHOLD, validate_threshold
 from kvzap_eval.surrogate import KVzapSurrogate
 
 from ..dtypes import EXPORT_DTYPES, WEIGHT_ONLY_BITS, parse_dtype
@@ -50,7 +50,6 @@ from ..output import writable_directory
 from ..source import SourceInfo, file_sha256, load_source
 from .validate import ExportValidationError, LayerValidation, validate_export
 
-DEFAULT_THRESHOLD = -4.0
 _LAYER_FILE = re.compile(r"layer_\d+\.onnx")
 
 

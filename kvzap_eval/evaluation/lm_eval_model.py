@@ -26,8 +26,9 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..llm.embedded import resolve_pretrained
 from ..llm.loading import load_model_config
-from ..runtime.methods import PREFILL_ONLY_METHODS, MethodConfig, as_whole_number, build_method, check_setting
+from ..runtime.methods import PREFILL_ONLY_METHODS, MethodConfig, build_method, check_setting
 from ..runtime.session import KVzapSession, compress
+from ..settings import as_whole_number
 from . import sample_stats
 from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
 from .run_stats import RunStats

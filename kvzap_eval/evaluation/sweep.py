@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..cli_args import OneLineParser, check_writable_file, finite_float, positive_int
 from ..errors import ConfigError
 from ..runtime.methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
-from ..runtime.policies import validate_threshold
+from ..settings import validate_threshold
 from .run_identity import DTYPE, PROTOCOL, SweepIdentity, digest, sweep_identity, task_infos
 from .table import (
     TableError,

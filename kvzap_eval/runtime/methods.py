@@ -16,8 +16,6 @@ sweep`): which method takes which setting (`METHOD_SETTINGS`), their defaults, a
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
@@ -25,16 +23,25 @@ import torch
 
 from ..errors import ConfigError
 from ..llm.model_info import ModelShape, check_supported, num_kv_heads, placement
+from ..settings import (
+    DEFAULT_THRESHOLD,
+    DEFAULT_WINDOW,
+    as_bool,
+    as_choice,
+    as_number,
+    as_text,
+    as_whole_number,
+    validate_ratio,
+    validate_threshold,
+)
 from .backends import BACKENDS, make_backend
-from .policies import FixedRatioPolicy, Policy, ThresholdPolicy, validate_ratio, validate_threshold
+from .policies import FixedRatioPolicy, Policy, ThresholdPolicy
 from .scorers import KVzapScorer, KVzipPlusScorer, RandomScorer, Scorer, SnapKVScorer, StreamingScorer
 
 METHODS = ("kvzap", "kvzap_adakv", "full", "random", "streaming", "snapkv", "kvzip_plus")
 FIXED_RATIO_METHODS = ("kvzap_adakv", "random", "streaming", "snapkv")
 #: Methods that prune the prefill only (a question after the context and decoding run unpruned).
 PREFILL_ONLY_METHODS = (*FIXED_RATIO_METHODS, "kvzip_plus")
-#: Threshold used when neither the user nor the surrogate's training report gives one (the paper's Qwen3 value).
-DEFAULT_THRESHOLD = -4.0
 SURROGATE_TYPES = ("linear", "mlp")
 
 # --- which settings apply to which method: the one rule every entry point (Python, kvzap_hf, sweep) goes through --
@@ -54,8 +61,8 @@ KVZIP_PLUS_POLICIES = {"fixed-ratio (AdaKV)": ("compression_ratio", "alpha"), "t
 #: Scorer backends that take the export settings (the others use neither).
 BACKEND_SETTINGS = {"onnxruntime": ("backend_dir", "backend_threads"), "tensorrt": ("backend_dir",)}
 #: Values of the settings a method takes but that were not given.
-DEFAULTS = {"window": 128, "decoding": True, "model_type": "mlp", "backend": "torch", "n_sink": 4, "alpha": 0.2,
-            "seed": 0}  # fmt: skip
+DEFAULTS = {"window": DEFAULT_WINDOW, "decoding": True, "model_type": "mlp", "backend": "torch", "n_sink": 4,
+            "alpha": 0.2, "seed": 0}  # fmt: skip
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
@@ -95,86 +102,6 @@ def _refuse_export_settings(backend: str, given: list[str]) -> None:
             raise ConfigError(
                 f"{name} does not apply to scorer backend {backend}: it is for backend={' or '.join(users)}"
             )
-
-
-# --- value checks: one coercion per kind, for Python values and model_args strings alike --------------------------
-def as_whole_number(name: str, value, minimum: int = 0, maximum: int | None = None) -> int:
-    """An integer (3, "3" or 3.0; not 2.5, "2.5" or True) in [minimum, maximum]."""
-    number = _whole(value)
-    bound = "a non-negative" if minimum == 0 else ("a positive" if minimum == 1 else f"a >= {minimum}")
-    if number is None:
-        raise ConfigError(f"{name}={value!r} is not a whole number: give {bound} integer")
-    if number < minimum or (maximum is not None and number > maximum):
-        limit = f" at most {maximum}" if maximum is not None else ""
-        raise ConfigError(f"{name} must be {bound} integer{limit}, got {number}")
-    return number
-
-
-def _whole(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                return None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return None
-
-
-def as_number(name: str, value, low: float | None = None, high: float | None = None) -> float:
-    """A finite float (numbers or numeric strings; not booleans) in [low, high]."""
-    number = None
-    if not isinstance(value, bool):
-        try:
-            number = float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            number = None
-    if number is None or not math.isfinite(number):
-        raise ConfigError(f"{name}={value!r} must be a finite number")
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise ConfigError(f"{name} must be in [{low}, {high}], got {number}")
-    return number
-
-
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
-def as_bool(name: str, value) -> bool:
-    """True/False, 1/0, or one of the words true/false, yes/no, on/off, 1/0 (any case)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in TRUE_WORDS or text in FALSE_WORDS:
-            return text in TRUE_WORDS
-    raise ConfigError(f"{name}={value!r} must be true or false")
-
-
-def as_text(name: str, value) -> str:
-    """A non-empty string (a path is turned into its string)."""
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{name}={value!r} must be a non-empty name or path (leave it out for the default)")
-    return value
-
-
-def as_choice(name: str, value, choices: tuple[str, ...], what: str) -> str:
-    """One of `choices`; `what` names the setting in the message ("method", "scorer backend")."""
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
-    return value
 
 
 def _model_type(value) -> str:

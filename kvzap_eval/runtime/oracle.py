@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, KVzapError
+from ..settings import DEFAULT_WINDOW
 from ..teacher import REPEAT_INSTRUCTION, render_repeat_text, run_teacher
 from .policies import FixedRatioPolicy, Policy, ThresholdPolicy
 from .scorers import Scorer
@@ -98,7 +99,7 @@ class OracleConfig:
 
     threshold: float | None = None
     compression_ratio: float | None = None
-    window: int = 128
+    window: int = DEFAULT_WINDOW
     scope: str = "layer"
     alpha: float = 0.2
     plus: bool = True

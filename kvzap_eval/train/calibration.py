@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..llm.model_info import attention_modules
+from ..settings import DEFAULT_WINDOW
 from ..surrogate import KVzapSurrogate
 
 DEFAULT_THRESHOLDS = tuple(float(t) for t in range(-9, 0))  # -9 ... -1
@@ -28,7 +29,7 @@ class CalibrationConfig:
     """Reported thresholds, DMS window, target compression ratio, and the step of the grid searched for it."""
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    window: int = 128
+    window: int = DEFAULT_WINDOW
     target_ratio: float = 2 / 3
     step: float = 0.25
     search: tuple[float, float] = (-16.0, 4.0)

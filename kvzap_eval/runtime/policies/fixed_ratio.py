@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import ConfigError
+from ...settings import validate_ratio
 from ..cache import CompactLayer
 from .base import Policy
 
@@ -66,14 +67,3 @@ def n_kept_for(n_tokens: int, ratio: float) -> int:
     if n_tokens == 0:
         return 0
     return max(1, int(n_tokens * (1 - ratio)))
-
-
-def validate_ratio(value) -> float:
-    """Coerce a compression ratio to float in [0, 1)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"compression_ratio must be a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"compression_ratio must be in [0, 1), got {value} (0.67 removes two thirds: 3x)")
-    return value

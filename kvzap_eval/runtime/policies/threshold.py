@@ -10,12 +10,11 @@ several tokens after the first (a prefill chunk, a question after a context) fol
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ...errors import ConfigError
+from ...settings import DEFAULT_WINDOW, validate_threshold, validate_window
 from ..cache import CompactLayer
 from .base import Policy
 
@@ -23,16 +22,12 @@ from .base import Policy
 @dataclass
 class ThresholdPolicy(Policy):
     threshold: float
-    window: int = 128
+    window: int = DEFAULT_WINDOW
     decoding: bool = True
 
     def __post_init__(self) -> None:
         self.threshold = validate_threshold(self.threshold)
-        window = self.window
-        whole = isinstance(window, int) or (isinstance(window, float) and math.isfinite(window) and window.is_integer())
-        if isinstance(window, bool) or not whole or window < 0:
-            raise ConfigError(f"window must be a non-negative integer, got {window!r} (the paper uses 128)")
-        self.window = int(window)
+        self.window = validate_window(self.window)
 
     def acts_on(self, q: int) -> bool:
         return q > 1 or self.decoding
@@ -48,14 +43,3 @@ class ThresholdPolicy(Policy):
             leaving = (layer.positions >= layer.decided_upto) & (layer.positions < cutoff)
         layer.decided_upto = cutoff  # decided once: never looked at again
         return leaving & (layer.pending < self.threshold)
-
-
-def validate_threshold(value) -> float:
-    """Coerce a threshold to float; NaN and infinities are refused."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"threshold must be a number (log-score, e.g. -4), got {value!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"threshold must be finite, got {value} (the paper uses -6..-3 for Qwen3, -9..-6 for Llama)")
-    return value
