@@ -22,7 +22,7 @@ DEFAULT_TOKENS = 512
 
 def collect_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """One forward of `input_ids` (1, T); returns each decoder layer's attention input (1, T, D) as fp32 on CPU."""
-    from kvzap_eval.model_info import attention_modules
+    from kvzap_eval.llm.model_info import attention_modules
 
     captured: dict[int, torch.Tensor] = {}
 
@@ -93,7 +93,7 @@ def hidden_states_for(
                 f"no LLM with the surrogate's shape at hand (input_dim={config.input_dim}, output_dim="
                 f"{config.output_dim}, n_modules={config.n_modules}); pass one with --hidden-states-model"
             )
-        from kvzap_eval.embedded import load_embedded
+        from kvzap_eval.llm.embedded import load_embedded
 
         try:
             llm, tokenizer = load_embedded()

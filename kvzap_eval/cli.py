@@ -12,20 +12,20 @@ import sys
 from .errors import KVzapError
 
 SUBCOMMANDS = {
-    "demo": "kvzap_eval.demo",
-    "bench": "kvzap_eval.bench",
-    "latency": "kvzap_eval.latency",
-    "sweep": "kvzap_eval.sweep",
-    "merge": "kvzap_eval.sweep:merge_main",
-    "report": "kvzap_eval.report",
-    "gate": "kvzap_eval.gate",
-    "train": "kvzap_eval.train",
+    "demo": "kvzap_eval.tools.demo",
+    "bench": "kvzap_eval.tools.bench",
+    "latency": "kvzap_eval.tools.latency",
+    "sweep": "kvzap_eval.evaluation.sweep",
+    "merge": "kvzap_eval.evaluation.sweep:merge_main",
+    "report": "kvzap_eval.evaluation.report",
+    "gate": "kvzap_eval.tools.gate",
+    "train": "kvzap_eval.train.pipeline",
 }
 
 
 def run_lm_eval(argv: list[str]) -> int:
     """lm-eval's CLI on `argv`, with `kvzap_hf` registered."""
-    from .lm_eval_hook import register
+    from .evaluation.lm_eval_hook import register
 
     register()
     from lm_eval.__main__ import cli_evaluate

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .errors import ConfigError
-from .model_info import SUPPORTED_MODEL_TYPES, attention_modules
+from .llm.model_info import SUPPORTED_MODEL_TYPES, attention_modules
 from .train_errors import TeacherError
 
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."

@@ -64,7 +64,7 @@ def _tokenizer(name: str):
 
 def resolve_tokenizer(kwargs: dict) -> str:
     """`tokenizer=` or `pretrained=` from the model args / metadata; the embedded model's directory otherwise."""
-    from kvzap_eval.embedded import EMBEDDED_ALIASES, embedded_model_dir
+    from kvzap_eval.llm.embedded import EMBEDDED_ALIASES, embedded_model_dir
 
     name = kwargs.get("tokenizer") or kwargs.get("pretrained")
     if not name or name in EMBEDDED_ALIASES:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvzap_eval.embedded import embedded_model_dir
+from kvzap_eval.llm.embedded import embedded_model_dir
 
 OUTPUT = Path(__file__).parent / "data" / "haystack_essays.txt"
 SEED = 1234

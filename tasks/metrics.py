@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from kvzap_eval.sample_stats import lookup
+from kvzap_eval.evaluation.sample_stats import lookup
 
 #: Context lengths a task may be generated at; each is a metric name in the task YAML.
 SUPPORTED_LENGTHS = (1024, 2048, 4096, 8192)

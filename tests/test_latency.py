@@ -43,7 +43,7 @@ def test_latency_report_times_each_backend_next_to_the_kvpress_style_call(tmp_pa
 
 
 def test_latency_is_a_cli_subcommand():
-    assert SUBCOMMANDS["latency"] == "kvzap_eval.latency"
+    assert SUBCOMMANDS["latency"] == "kvzap_eval.tools.latency"
 
 
 def _has(module: str) -> bool:

@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from kvzap_eval.errors import KVzapError
+from kvzap_eval.settings import DEFAULT_THRESHOLD
 
-from .export import DEFAULT_THRESHOLD, main_export
+from .export import main_export
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kvzap_eval.errors import require
-from kvzap_eval.policies import validate_threshold
+from kvzap_eval.settings import DEFAULT_THRESHOLD, validate_threshold
 from kvzap_eval.surrogate import KVzapSurrogate
 
 from ..dtypes import EXPORT_DTYPES, WEIGHT_ONLY_BITS, parse_dtype
@@ -50,7 +50,6 @@ from ..output import writable_directory
 from ..source import SourceInfo, file_sha256, load_source
 from .validate import ExportValidationError, LayerValidation, validate_export
 
-DEFAULT_THRESHOLD = -4.0
 _LAYER_FILE = re.compile(r"layer_\d+\.onnx")
 
 
@@ -94,7 +93,7 @@ class LayerGraph(nn.Module):
 
 def default_export_dir(weights_sha256: str, dtype: str) -> Path:
     """The cache directory of an export: `<kvzap-eval cache>/onnx/<weights fingerprint>-<dtype>`."""
-    from kvzap_eval.embedded import embedded_cache_dir
+    from kvzap_eval.llm.embedded import embedded_cache_dir
 
     return embedded_cache_dir() / "onnx" / f"{weights_sha256[:24]}-{parse_dtype(dtype)}"
 

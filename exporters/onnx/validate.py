@@ -120,7 +120,7 @@ def graph_signature_problems(graph, dtype: str, input_dim: int, output_dim: int)
 
 
 def _ort_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    from kvzap_eval.backends.onnxruntime_backend import import_onnxruntime
+    from kvzap_eval.runtime.backends.onnxruntime_backend import import_onnxruntime
 
     ort = import_onnxruntime()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

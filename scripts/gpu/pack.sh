@@ -13,11 +13,11 @@ python3 -m pip download -q $pick lm_eval==0.4.13 datasets==5.0.0 evaluate==0.4.6
   more_itertools pytablewriter==1.2.1 DataProperty mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet pytz \
   nltk gguf==0.19.0
 python3 -m pip wheel -q --no-deps -w .gpu/whl rouge-score==0.1.2 sqlitedict==2.1.0 word2number==1.1
-gguf=$(python3 -c "from kvzap_eval.embedded import embedded_gguf_path; print(embedded_gguf_path())")
+gguf=$(python3 -c "from kvzap_eval.llm.embedded import embedded_gguf_path; print(embedded_gguf_path())")
 head -c 42000000 "$gguf" > .gpu/p1/gguf.part1
 tail -c +42000001 "$gguf" > .gpu/p2/gguf.part2
 sha256sum "$gguf" > .gpu/p2/gguf.sha256
-model=$(python3 -c "from kvzap_eval.embedded import embedded_model_dir; print(embedded_model_dir())")
+model=$(python3 -c "from kvzap_eval.llm.embedded import embedded_model_dir; print(embedded_model_dir())")
 mkdir -p .gpu/tok/tokcache/SmolLM2-135M-Instruct
 cp "$model"/{.kvzap-eval-complete,*.json,*.jinja} .gpu/tok/tokcache/SmolLM2-135M-Instruct/
 tar -czf .gpu/p1/tokcache.tgz -C .gpu/tok tokcache && rm -rf .gpu/tok

@@ -16,7 +16,7 @@ gguf=/tmp/kvz/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$KVZAP_EVAL_CACHE/SmolLM2-135M-Instruct/.kvzap-eval-complete" ]; then  # a rerun resumes: convert once
   cat /tmp/kvz/gguf.part1 .gpu/p2/gguf.part2 > "$gguf" || exit 1
   [ "$(sha256sum < "$gguf" | cut -d' ' -f1)" = "$(cut -d' ' -f1 .gpu/p2/gguf.sha256)" ] || { echo "GGUF damaged"; exit 1; }
-  python3 -c "from pathlib import Path; from kvzap_eval.embedded import _convert
+  python3 -c "from pathlib import Path; from kvzap_eval.llm.embedded import _convert
 _convert(Path('$gguf'), Path('$KVZAP_EVAL_CACHE/SmolLM2-135M-Instruct'))" || exit 1
 fi
 echo "model ready after $((SECONDS - start)) s"

