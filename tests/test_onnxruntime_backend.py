@@ -9,6 +9,7 @@ import torch
 
 from exporters.manifest import MANIFEST_NAME
 from exporters.onnx import main_export
+from exporters.onnx import ort as ort_import
 from kvzap_eval import build_method, compress
 from kvzap_eval.backends import make_backend
 from kvzap_eval.backends import onnxruntime_backend as ortb
@@ -210,9 +211,9 @@ def test_both_onnxruntime_flavours_installed_is_detected_and_explained(setup, mo
     def version(name):
         if name in versions:
             return versions[name]
-        raise ortb.metadata.PackageNotFoundError(name)
+        raise ort_import.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(ortb.metadata, "version", version)
+    monkeypatch.setattr(ort_import.metadata, "version", version)
     with pytest.raises(ConfigError) as error:
         make_backend("onnxruntime", surrogate, placement(model), exports["fp32"])
     message = str(error.value)
@@ -222,7 +223,7 @@ def test_both_onnxruntime_flavours_installed_is_detected_and_explained(setup, mo
 
 def test_missing_onnxruntime_names_the_extra(setup, monkeypatch):
     model, surrogate, _, exports = setup
-    monkeypatch.setattr(ortb, "installed_onnxruntime", dict)
+    monkeypatch.setattr(ort_import, "installed_onnxruntime", dict)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     with pytest.raises(MissingExtraError, match=r"onnxruntime is not installed: pip install 'kvzap-eval\[onnx\]'"):
         make_backend("onnxruntime", surrogate, placement(model), exports["fp32"])

@@ -10,47 +10,21 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 
 import torch
 
-from ...errors import ArtifactError, ConfigError, MissingExtraError, require
+from exporters.onnx.ort import ORT_DISTRIBUTIONS, import_onnxruntime, installed_onnxruntime  # noqa: F401 (old home)
+
+from ...errors import ArtifactError, ConfigError, MissingExtraError
 from ...surrogate import KVzapSurrogate
 from .artifacts import checked_export
 from .base import ScorerBackend
 from .torch_backend import Placement
 
-#: Distributions that all install the Python package `onnxruntime`; two at once overwrite each other's files.
-ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
-                     "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip
 #: ONNX element types (TensorProto) of the torch dtypes a session can be bound to.
 _ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
 #: Export dtype -> dtype of the session's input and output (int8 is weight-only: fp32 in and out).
 _EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
-
-
-def installed_onnxruntime() -> dict[str, str]:
-    """{distribution: version} of every installed onnxruntime flavour."""
-    found = {}
-    for name in ORT_DISTRIBUTIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def import_onnxruntime():
-    """Import `onnxruntime`, refusing an environment with two flavours (`ConfigError`) or none (`MissingExtraError`)."""
-    flavours = installed_onnxruntime()
-    if len(flavours) > 1:
-        listed = ", ".join(f"{name} {version}" for name, version in flavours.items())
-        raise ConfigError(
-            f"{listed} are all installed: they share one `onnxruntime` folder and overwrite each other's files, "
-            f"so the result is neither: pip uninstall -y {' '.join(flavours)}, then pip install "
-            "'kvzap-eval[onnx]' (CPU) or 'kvzap-eval[onnx-gpu]' (CUDA)"
-        )
-    return require("onnxruntime", "onnx")
 
 
 @dataclass(frozen=True)
