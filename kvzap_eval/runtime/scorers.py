@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import KVzapError
 from .backends import ScorerBackend
 from .cache import CompactLayer
+from .oracle import context_scores
 
 
 @dataclass
@@ -125,20 +127,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVzipPlusScorer(Scorer):
-    """The KVzip+ oracle: the teacher's scores of the actual context (one repeat pass in `prepare`), prefill only."""
+    """The KVzip+ oracle: the teacher's scores of the actual context (one repeat pass in `prepare`, see `oracle.py`),
+    looked up by each token's index among its row's real tokens. Prefill only."""
 
     model: torch.nn.Module
     tokenizer: object
     plus: bool = True
-    _scores: list | None = field(default=None, init=False, repr=False)
+    _scores: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def prepare(self, input_ids, attention_mask):
-        from .oracle import OracleScorer, context_scores
-
-        scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
-        self._scores = OracleScorer(scores)
+        self._scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
 
     def __call__(self, layer_idx, hidden_states, positions):
         if self._scores is None:
             raise RuntimeError("KVzipPlusScorer.prepare(input_ids, attention_mask) must run before the prefill")
-        return self._scores(layer_idx, hidden_states, positions)
+        if positions.shape[1] == 1:
+            raise KVzapError("the KVzip+ oracle scores the prefill only: use it with decoding=False")
+        table = self._scores[layer_idx].to(hidden_states.device)
+        if positions.shape[0] != table.shape[0] or int(positions.max()) >= table.shape[-1]:
+            raise KVzapError("the model got other tokens than the oracle scored: pass the same input_ids to both")
+        index = positions.clamp_min(0)[:, None, :].expand(-1, table.shape[1], -1)
+        return table.gather(2, index)
