@@ -65,9 +65,9 @@ def config_only_dir(tmp_path_factory) -> str:
     ],
 )
 def test_demo_mistakes_are_one_line(capsys, monkeypatch, args, message):
-    from kvzap_eval.surrogate import hub
+    from kvzap_eval.llm import hub_cache
 
-    monkeypatch.setattr(hub, "_offline", lambda: True)
+    monkeypatch.setattr(hub_cache, "offline", lambda: True)
     assert message in one_error_line(capsys, cli.main(["demo", *args]))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EmbeddedModelError, ModelNotFoundError
+from . import hub_cache
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_NAME = EMBEDDED_MODEL_ID.rsplit("/", 1)[1]
@@ -144,15 +145,13 @@ def _check_hub_id_available(repo_id: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
-    from ..surrogate.hub import _hub_cache_dir, _offline
-
     try:
-        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache_dir())
+        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache.hub_cache_dir())
     except HFValidationError:
         raise ModelNotFoundError(
             f"model {repo_id!r} is neither an existing directory nor a valid hub id: give a directory or owner/name"
         ) from None
-    if _offline() and not isinstance(cached, str):
+    if hub_cache.offline() and not isinstance(cached, str):
         raise ModelNotFoundError(
             f"model {repo_id!r} is not a directory and not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
             f"give a directory, a cached hub id, or unset HF_HUB_OFFLINE to download it"
