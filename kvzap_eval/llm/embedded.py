@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import staged_directory
 from ..errors import EmbeddedModelError, ModelNotFoundError
 from . import hub_cache
 
@@ -53,15 +52,13 @@ def _gguf_chat_template(gguf_path: Path) -> str | None:
 
 
 def _convert(gguf_path: Path, target: Path) -> None:
-    """Dequantise the GGUF into `target` (safetensors + tokenizer) via a temporary sibling and an atomic rename."""
+    """Dequantise the GGUF into `target` (safetensors + tokenizer), staged in a temporary sibling."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     print(f"converting embedded SmolLM2 GGUF to safetensors in {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_directory(target, complete=_MARKER) as tmp:
         src, name = str(gguf_path.parent), gguf_path.name
         # from_pretrained(gguf_file=...) would need `accelerate` and would save a GGUF quantization_config;
         # building the model and loading the dequantised tensors (the same transformers code) needs neither.
@@ -80,14 +77,6 @@ def _convert(gguf_path: Path, target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(f"{gguf_path}\n")
-        tmp.chmod(0o755)  # mkdtemp made it private
-        try:
-            os.rename(tmp, target)  # atomic; fails if another process finished first, which is fine
-        except OSError:
-            if not (target / _MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_model_dir() -> Path:
