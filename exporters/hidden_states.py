@@ -90,10 +90,10 @@ def hidden_states_for(
                 f"no LLM with the surrogate's shape at hand (input_dim={config.input_dim}, output_dim="
                 f"{config.output_dim}, n_modules={config.n_modules}); pass one with --hidden-states-model"
             )
-        from kvzap_eval.llm.embedded import load_embedded
+        from kvzap_eval.llm.loading import load_causal_lm
 
         try:
-            llm, tokenizer = load_embedded()
+            llm, tokenizer = load_causal_lm()
         except EmbeddedModelError as exc:
             return None, f"embedded SmolLM2 unavailable ({exc})"
         name = "embedded SmolLM2-135M-Instruct"

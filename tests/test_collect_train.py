@@ -368,9 +368,9 @@ def test_shipped_reports_record_held_out_r2_and_a_3x_threshold(kind):
 
 @pytest.mark.slow
 def test_shipped_mlp_is_the_default_for_the_embedded_model_and_prunes_near_3x():
-    from kvzap_eval.embedded import load_embedded
+    from kvzap_eval.llm.loading import load_causal_lm
 
-    model, tokenizer = load_embedded()
+    model, tokenizer = load_causal_lm()
     tau = recommended_threshold(shipped("mlp"))
     assert Path(resolve_surrogate_source(model.config, None, "mlp")) == shipped("mlp")
     method = build_method(model, MethodConfig(method="kvzap", threshold=tau))  # surrogate resolved by name

