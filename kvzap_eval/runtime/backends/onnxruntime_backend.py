@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exporters.dtypes import EXPORT_DTYPES, ONNX_ELEM_TYPES, dtype_name
 from exporters.onnx.ort import ORT_DISTRIBUTIONS, import_onnxruntime, installed_onnxruntime  # noqa: F401 (old home)
 
 from ...errors import ArtifactError, ConfigError, MissingExtraError
@@ -20,11 +21,6 @@ from ...surrogate import KVzapSurrogate
 from .artifacts import checked_export
 from .base import ScorerBackend
 from .torch_backend import Placement
-
-#: ONNX element types (TensorProto) of the torch dtypes a session can be bound to.
-_ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
-#: Export dtype -> dtype of the session's input and output (int8 is weight-only: fp32 in and out).
-_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ class _LayerSession:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own classes (Fail, InvalidProtobuf...) derive from it
             raise ArtifactError(f"onnxruntime cannot load {path!r} ({exc}): re-export it") from None
         binding = session.io_binding()
-        self.dtype, self.heads, element_type = dtype, heads, _ELEMENT_TYPES[dtype]
+        self.dtype, self.heads, element_type = dtype, heads, ONNX_ELEM_TYPES[dtype_name(dtype)]
         try:
             c_session, c_binding = session._sess, binding._iobinding
             c_device = ort.OrtDevice.make(device_type, device_id)._get_c_device()
@@ -138,7 +134,7 @@ class OnnxRuntimeBackend(ScorerBackend):
         dtype = settings.dtype or export_dtype_for(placement)
         export = checked_export(surrogate, len(placement), artifacts, dtype)
         self.directory, self.manifest = export.directory, export.manifest
-        self.dtype = _EXPORT_DTYPES[self.manifest.dtype]
+        self.dtype = EXPORT_DTYPES[self.manifest.dtype]  # int8 is weight-only: fp32 in and out
         if self.dtype == torch.bfloat16 and any(device.type == "cpu" for device, _ in placement):
             raise ConfigError(
                 f"the export in {str(self.directory)!r} is bf16, which onnxruntime cannot run on CPU: export fp32 or "
