@@ -117,11 +117,11 @@ def test_sweep_defaults_to_the_surrogates_recommended_threshold(tiny, tmp_path):
     assert config.thresholds == [default_threshold(tiny["surrogate"])]
     # the embedded SmolLM2: the shipped MLP surrogate's training report decides (not the generic -4)
     from kvzap_eval.surrogate import shipped_surrogate
-    from kvzap_eval.sweep import recommended_threshold
-    from kvzap_eval.training_report import recommended_threshold as from_report
+    from kvzap_eval.training_report import recommended_threshold
 
     shipped = shipped_surrogate("SmolLM2-135M-Instruct", "mlp")
-    assert recommended_threshold(None, None) == from_report(shipped) != -4.0
+    embedded = config_for(tiny, tmp_path / "e.jsonl", thresholds=None, pretrained=None, model_args={})
+    assert embedded.thresholds == [recommended_threshold(shipped)] != [-4.0]
 
 
 def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):

@@ -143,7 +143,7 @@ class SweepConfig:
         self._check_counts()
         _check_device(self.device)
         if self.thresholds is None:
-            self.thresholds = [recommended_threshold(self.pretrained, self.model_args.get("surrogate"))]
+            self.thresholds = [_default_threshold(self.pretrained, self.model_args.get("surrogate"))]
         self.thresholds = _unique([validate_threshold(t) for t in self.thresholds])
         if not self.thresholds:
             raise ConfigError("--thresholds is empty: give at least one KVzap tau, e.g. -4")
@@ -180,15 +180,12 @@ def _check_device(text: str) -> None:
         raise ConfigError(f"--device {text}: no CUDA GPU is visible here; use --device cpu")
 
 
-def recommended_threshold(pretrained: str | None, surrogate: str | None) -> float:
+def _default_threshold(pretrained: str | None, surrogate: str | None) -> float:
     """The tau that `kvzap_hf` uses by default for this model: its MLP surrogate's recommended one, else -4."""
-    from types import SimpleNamespace
-
     from ..llm.embedded import resolve_pretrained
-    from ..surrogate import resolve_surrogate_source
+    from ..surrogate import surrogate_source_for
 
-    model_config = SimpleNamespace(name_or_path=resolve_pretrained(pretrained))
-    return default_threshold(resolve_surrogate_source(model_config, surrogate, "mlp"))
+    return default_threshold(surrogate_source_for(resolve_pretrained(pretrained), surrogate, "mlp"))
 
 
 def plan(config: SweepConfig) -> list[Run]:
@@ -501,3 +498,13 @@ def merge_main(argv: list[str] | None = None) -> int:
     total, added = merge_tables(args.output, args.tables, allow_mixed=args.allow_mixed)
     print(f"{total} rows in {args.output} ({added} added)")
     return 0
+
+
+def __getattr__(name: str):
+    # sweep.recommended_threshold(pretrained, surrogate) shared its name with surrogate.report's: now private.
+    if name == "recommended_threshold":
+        from ..moved import warn_moved
+
+        warn_moved(f"{__name__}.recommended_threshold", "kvzap_eval.runtime.methods.default_threshold", depth=1)
+        return _default_threshold
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -102,16 +102,22 @@ def shipped_surrogate(basename: str, model_type: str = "mlp") -> Path | None:
 def resolve_surrogate_source(
     model_config: Any, surrogate: str | os.PathLike | None, model_type: str = "mlp"
 ) -> str | os.PathLike:
+    """Where to load the surrogate from, for a model given by its transformers config (see `surrogate_source_for`)."""
+    return surrogate_source_for(_model_name(model_config), surrogate, model_type)
+
+
+def surrogate_source_for(
+    model_name: str | None, surrogate: str | os.PathLike | None, model_type: str = "mlp"
+) -> str | os.PathLike:
     """Where to load the surrogate from: the explicit `surrogate` if given, else a shipped directory for the
-    model's basename, else the kvpress hub id derived from `model_config.name_or_path`."""
+    model's basename, else the kvpress hub id derived from the model's name (hub id or directory)."""
     _check_model_type(model_type)
     if surrogate is not None:
         return surrogate
-    name = _model_name(model_config)
-    if not name:
+    if not model_name:
         raise ConfigError(
             "the model config has no name_or_path to derive the surrogate from: pass the surrogate explicitly"
         )
-    hub_id = default_surrogate_id(name, model_type)
-    shipped = shipped_surrogate(_basename(name), model_type)
+    hub_id = default_surrogate_id(model_name, model_type)
+    shipped = shipped_surrogate(_basename(model_name), model_type)
     return shipped if shipped is not None else hub_id
