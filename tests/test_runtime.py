@@ -138,3 +138,20 @@ def test_surrogate_for_another_model_names_both_sides(llama, tmp_path):
 def test_missing_extra_names_the_extra():
     with pytest.raises(MissingExtraError, match=r"pip install 'kvzap-eval\[trt\]'"):
         require("tensorrt", "trt")
+
+
+@pytest.mark.parametrize(
+    "settings, prefill_only",
+    [
+        ({"method": "kvzap"}, False),
+        ({"method": "kvzap", "decoding": False}, False),  # still prunes a question after the context
+        ({"method": "full"}, False),
+        ({"method": "random", "compression_ratio": 0.5}, True),
+        ({"method": "kvzap_adakv", "compression_ratio": 0.5}, True),
+        ({"method": "kvzip_plus", "threshold": -4.0}, True),
+    ],
+)
+def test_a_method_says_whether_it_prunes_the_prefill_only(settings, prefill_only):
+    from kvzap_eval.runtime.methods import Method
+
+    assert Method(MethodConfig(**settings), scorer=None, policy=None).prefill_only is prefill_only

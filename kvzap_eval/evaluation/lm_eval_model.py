@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..llm.embedded import resolve_pretrained
 from ..llm.loading import load_model_config
-from ..runtime.methods import PREFILL_ONLY_METHODS, MethodConfig, build_method, check_setting
+from ..runtime.methods import MethodConfig, build_method, check_setting
 from ..runtime.session import KVzapSession, compress
 from ..settings import as_whole_number
 from . import sample_stats
@@ -188,8 +188,7 @@ class KVzapHFLM(HFLM):
             cache = session.new_cache()
             with torch.no_grad():
                 self._prefill(batch, cache, session.cache_kwarg)
-            prefill_only = self.method_config.method in PREFILL_ONLY_METHODS
-            pause = session.pause() if prefill_only and batch.prefill_chunks else nullcontext()
+            pause = session.pause() if self.method.prefill_only and batch.prefill_chunks else nullcontext()
             with pause:
                 out = super()._model_generate(
                     batch.input_ids,
@@ -294,7 +293,7 @@ class KVzapHFLM(HFLM):
             ).logits[:, -1:]
             logits = [first]
             if cont_ids.shape[1] > 0:
-                pause = session.pause() if self.method_config.method in PREFILL_ONLY_METHODS else nullcontext()
+                pause = session.pause() if self.method.prefill_only else nullcontext()
                 with pause:
                     rest = self.model(
                         input_ids=cont_ids,
