@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from kvzap_eval import MethodConfig, build_method, compress
 from kvzap_eval.errors import CheckpointError, ConfigError, KVzapError
-from kvzap_eval.lm_eval_model import method_config_from_args
+from kvzap_eval.evaluation.model_args import method_config_from_args
 from kvzap_eval.methods import METHOD_SETTINGS, applicable
 from kvzap_eval.surrogate import load_surrogate, save_surrogate
 

@@ -102,3 +102,12 @@ def test_python_m_kvzap_eval_train_and_the_train_subcommand_print_the_same_help(
 def test_the_import_rules_hold():
     result = subprocess.run(["lint-imports", "--no-cache"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_model_args_are_checked_without_importing_lm_eval():
+    code = (
+        "import sys; from kvzap_eval.evaluation.sweep import parse_model_args; "
+        "print(parse_model_args('window=8,decoding=no'), 'lm_eval' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'window': 8, 'decoding': False} False"

@@ -26,6 +26,7 @@ from ..cli_args import OneLineParser, check_writable_file, finite_float, positiv
 from ..errors import ConfigError
 from ..runtime.methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
 from ..settings import validate_threshold
+from .model_args import OWN_ARGS, coerce
 from .run_identity import DTYPE, PROTOCOL, SweepIdentity, digest, sweep_identity, task_infos
 from .table import (
     TableError,
@@ -467,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_model_args(text: str) -> dict:
     """`name=value,...` method settings, coerced like kvzap_hf's model_args; each name once, each value given."""
-    from .lm_eval_model import OWN_ARGS, _coerce
-
     allowed = sorted(set(OWN_ARGS) - {"method", "threshold", "compression_ratio", "protocol", "prefill_chunk"})
     settings = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -479,7 +478,7 @@ def parse_model_args(text: str) -> dict:
             raise ConfigError(f"--model-args gives {name} twice: give it once")
         if not value.strip():
             raise ConfigError(f"--model-args {item!r} has no value: give {name}=<value> or leave {name} out")
-        settings[name] = _coerce(name, value)
+        settings[name] = coerce(name, value)
     return settings
 
 
