@@ -111,3 +111,18 @@ def test_model_args_are_checked_without_importing_lm_eval():
     )
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "{'window': 8, 'decoding': False} False"
+
+
+def test_a_measurement_is_achieved_compression_ratio_and_the_old_name_warns():
+    import torch
+
+    from kvzap_eval.runtime.stats import CompressionStats, LayerStats
+
+    layer = LayerStats(torch.tensor([[3, 1]]), torch.tensor([[1, 3]]), 4, 3, 10, 20)
+    stats = CompressionStats([layer])
+    assert stats.achieved_compression_ratio == layer.achieved_compression_ratio == 0.5
+    with pytest.warns(DeprecationWarning, match="CompressionStats.achieved_compression_ratio"):
+        assert stats.compression_ratio == 0.5
+    with pytest.warns(DeprecationWarning, match="LayerStats.achieved_compression_ratio"):
+        assert layer.compression_ratio == 0.5
+    assert stats.summary()["achieved_compression_ratio"] == 0.5 and "compression_ratio" not in stats.summary()

@@ -289,7 +289,7 @@ class KVzapHFLM(HFLM):
     def _record(self, session: KVzapSession, rows: list[tuple[object, str | None, str | None]]) -> None:
         """Record a batch; rows are (request key, sample uid, task). lm-eval's padding copies are not counted."""
         stats = session.stats()
-        for (_, uid, _), ratio in zip(rows, stats.per_row_compression_ratio()):
+        for (_, uid, _), ratio in zip(rows, stats.per_row_achieved_compression_ratio()):
             if uid is not None:
                 sample_stats.record(uid, ratio)
         keep = []

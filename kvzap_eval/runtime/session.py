@@ -2,7 +2,7 @@
 
     with compress(model, method) as session:
         model.generate(**inputs)
-        print(session.stats().compression_ratio)
+        print(session.stats().achieved_compression_ratio)
 
 Data path per decoder layer: the post-norm hidden state -> scorer (backend) -> policy -> compact cache, and
 attention reads only the kept entries. Hooks are the only attachment: a forward pre-hook on the model hands the
