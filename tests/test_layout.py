@@ -126,3 +126,22 @@ def test_a_measurement_is_achieved_compression_ratio_and_the_old_name_warns():
     with pytest.warns(DeprecationWarning, match="LayerStats.achieved_compression_ratio"):
         assert layer.compression_ratio == 0.5
     assert stats.summary()["achieved_compression_ratio"] == 0.5 and "compression_ratio" not in stats.summary()
+
+
+def test_the_old_entry_points_of_scorers_and_policies_warn_and_still_answer():
+    import torch
+
+    from kvzap_eval.runtime.cache import CompactLayer
+    from kvzap_eval.runtime.policies import FixedRatioPolicy
+    from kvzap_eval.runtime.scorers import LayerCall, StreamingScorer
+
+    scorer, token_index = StreamingScorer(num_kv_heads=1, n_sink=1), torch.arange(4)[None]
+    expected = scorer.score(LayerCall(0, torch.zeros(1, 4, 8), token_index, module=None, kwargs={}, layer=None))
+    with pytest.warns(DeprecationWarning, match="StreamingScorer.score"):
+        assert torch.equal(scorer(0, torch.zeros(1, 4, 8), token_index), expected)
+    layer = CompactLayer()
+    keys = torch.randn(1, 1, 4, 2)
+    layer.update(keys, keys.clone())
+    with pytest.warns(DeprecationWarning, match="FixedRatioPolicy.decide"):
+        drop = FixedRatioPolicy(0.5).select(layer, expected)
+    assert drop.sum() == 2

@@ -141,9 +141,9 @@ class RecordingScorer(Scorer):
         self.scorer = scorer
         self.scores: dict[int, list[torch.Tensor]] = {}
 
-    def __call__(self, layer_idx, hidden_states, positions):
-        scores = self.scorer(layer_idx, hidden_states, positions)
-        self.scores.setdefault(layer_idx, []).append(scores.detach().float().clone())
+    def score(self, call):
+        scores = self.scorer.score(call)
+        self.scores.setdefault(call.layer_idx, []).append(scores.detach().float().clone())
         return scores
 
 

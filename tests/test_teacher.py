@@ -13,7 +13,7 @@ from kvzap_eval import MethodConfig, build_method
 from kvzap_eval.errors import ConfigError, KVzapError
 from kvzap_eval.oracle import context_scores, repeat_bridge_ids
 from kvzap_eval.runtime import compress
-from kvzap_eval.scorers import KVzipPlusScorer
+from kvzap_eval.scorers import KVzipPlusScorer, LayerCall
 from kvzap_eval.teacher import (
     SCORE_FLOOR,
     build_repeat_prompt,
@@ -213,10 +213,16 @@ def test_kvzip_plus_keeps_exactly_the_context_tokens_scoring_at_least_tau(llama)
 
 def test_kvzip_plus_refuses_decoding_and_other_inputs(llama):
     scorer = KVzipPlusScorer(llama, word_tokenizer())
+
+    def score(token_index):
+        hidden = torch.zeros(1, token_index.shape[1], 64)
+        return scorer.score(LayerCall(0, hidden, token_index, module=None, kwargs={}, layer=None))
+
     with pytest.raises(RuntimeError, match="prepare"):
-        scorer(0, torch.zeros(1, 8, 64), torch.arange(8)[None])
+        score(torch.arange(8)[None])
     scorer.prepare(torch.randint(5, 128, (1, 8)), None)
     with pytest.raises(KVzapError, match="prefill only"):
-        scorer(0, torch.zeros(1, 1, 64), torch.tensor([[8]]))
+        score(torch.tensor([[8]]))
     with pytest.raises(KVzapError, match="same input_ids"):
-        scorer(0, torch.zeros(1, 9, 64), torch.arange(9)[None])
+        score(torch.arange(9)[None])
+    assert score(torch.arange(8)[None]).shape == (1, 2, 8)

@@ -127,7 +127,7 @@ class KVzapSession:
         call = LayerCall(layer_idx, hidden_states, layer.new_token_index, module, kwargs, layer)
         scores = self.method.scorer.score(call)
         self.timer.add("prefill" if q > 1 else "decode", layer_idx, time.perf_counter() - start)
-        drop = policy.select(layer, scores)
+        drop = policy.decide(layer, scores)
         if drop is not None:
             layer.evict(drop, compact=q > 1)
         return output
