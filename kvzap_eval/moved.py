@@ -23,6 +23,7 @@ MOVED = {
     "kvzap_eval.loading": "kvzap_eval.llm.loading",
     "kvzap_eval.model_info": "kvzap_eval.llm.model_info",
     "kvzap_eval.training_report": "kvzap_eval.surrogate.report",
+    "kvzap_eval.train_errors": "kvzap_eval.errors",
     "kvzap_eval.methods": "kvzap_eval.runtime.methods",
     "kvzap_eval.scorers": "kvzap_eval.runtime.scorers",
     "kvzap_eval.oracle": "kvzap_eval.runtime.oracle",

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from ..atomic import write_json_atomic
+from ..errors import OutputDirError, TeacherError
 from ..llm.model_info import num_kv_heads
 from ..teacher import ATTENTION_MODES, build_repeat_prompt, run_teacher
-from ..train_errors import OutputDirError, TeacherError
 from .corpus import Corpus
 
 MANIFEST = "manifest.json"

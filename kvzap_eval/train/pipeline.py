@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from ..cli_args import OneLineParser, check_writable_dir, non_negative_int, open_fraction, positive_float, positive_int
-from ..errors import ConfigError, KVzapError
+from ..errors import ConfigError, CorpusError, KVzapError, OutputDirError
 from ..llm.loading import DTYPES, as_torch_dtype, load_causal_lm
 from ..moved import warn_moved
 from ..surrogate import KVzapSurrogate, save_surrogate, surrogate_config_for
 from ..surrogate.report import probe_scores, write_report
-from ..train_errors import CorpusError, OutputDirError
 from .calibration import Calibration, CalibrationConfig, calibrate
 from .collect import CollectConfig, CollectedData, collect, peak_rss_mb
 from .corpus import BUILTIN_SOURCES, Corpus, CorpusConfig, build_corpus
