@@ -23,18 +23,16 @@ from kvzap_eval.model_info import placement
 from kvzap_eval.surrogate import save_surrogate
 
 from .conftest import surrogate_for
-from .onnx_helpers import checkpoint, needs_onnx
+from .onnx_helpers import needs_onnx
 
 needs_onnx()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny LLM, its surrogate checkpoint and an fp32 export of it, exported once for the module."""
-    tmp = tmp_path_factory.mktemp("hardening")
-    model, surrogate, path = checkpoint(tmp)
-    export = main_export(str(path), tmp / "fp32", hidden_states_model=None, log=lambda _: None).directory
-    return model, surrogate, path, export
+@pytest.fixture
+def setup(tiny_export):
+    """A tiny LLM, its surrogate checkpoint and the session's fp32 export of it (read-only: copy_export first)."""
+    model, surrogate, path, results = tiny_export
+    return model, surrogate, path, results["fp32"].directory
 
 
 def copy_export(src: Path, dst: Path) -> Path:

@@ -18,19 +18,16 @@ from kvzap_eval.methods import MethodConfig
 from kvzap_eval.model_info import placement
 
 from .conftest import left_padded, surrogate_for, tiny_model
-from .onnx_helpers import checkpoint, needs_onnx
+from .onnx_helpers import needs_onnx
 
 needs_onnx()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny LLM, its surrogate checkpoint, and fp32 / fp16 exports of it."""
-    tmp = tmp_path_factory.mktemp("ort")
-    model, surrogate, path = checkpoint(tmp)
-    exports = {dtype: main_export(str(path), tmp / dtype, dtype=dtype, hidden_states_model=None).directory
-               for dtype in ("fp32", "fp16")}  # fmt: skip
-    return model, surrogate, path, exports
+@pytest.fixture
+def setup(tiny_export):
+    """A tiny LLM, its surrogate checkpoint, and the session's fp32 / fp16 exports of it (read-only)."""
+    model, surrogate, path, results = tiny_export
+    return model, surrogate, path, {dtype: result.directory for dtype, result in results.items()}
 
 
 def held(session) -> list[set[tuple[int, int, int]]]:

@@ -140,17 +140,10 @@ def stub_trt(monkeypatch):
     return fake, built
 
 
-@pytest.fixture(scope="module")
-def onnx_export(tmp_path_factory):
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    from exporters.onnx import main_export
-
-    from .onnx_helpers import checkpoint
-
-    tmp = tmp_path_factory.mktemp("trt")
-    _, _, path = checkpoint(tmp)
-    return main_export(str(path), tmp / "onnx", validate=False).directory
+@pytest.fixture
+def onnx_export(tiny_export):
+    """The session's fp32 ONNX export (read-only: engines go to each test's own directory)."""
+    return tiny_export[3]["fp32"].directory
 
 
 def test_engines_are_built_once_then_reused(stub_trt, onnx_export, tmp_path):
