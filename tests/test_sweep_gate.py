@@ -14,20 +14,26 @@ from .lmeval_helpers import TASKS  # noqa: E402
 from .lmeval_helpers import sweep_config as config_for  # noqa: E402
 
 
-def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):
-    runs = plan(config_for(tiny, tmp_path / "t.jsonl", thresholds=[0.0, 1.0]))
+@pytest.fixture
+def unloaded(tmp_path):
+    """Model and surrogate paths that are never read: planning a sweep loads no model, tokenizer or surrogate."""
+    return {"model": str(tmp_path / "no-model"), "surrogate": str(tmp_path / "no-surrogate")}
+
+
+def test_plan_runs_kvzap_before_the_methods_matched_to_it(unloaded, tmp_path):
+    runs = plan(config_for(unloaded, tmp_path / "t.jsonl", thresholds=[0.0, 1.0]))
     methods = [r.method for r in runs]
     assert methods.index("random") > max(i for i, m in enumerate(methods) if m == "kvzap_mlp")
     assert {r.matched_threshold for r in runs if r.method == "random"} == {0.0, 1.0}
 
 
 @pytest.mark.parametrize("method", ["random", "snapkv", "kvzap_adakv", "kvzip_plus"])
-def test_matched_ratio_methods_without_their_kvzap_reference_are_refused(tiny, tmp_path, method):
+def test_matched_ratio_methods_without_their_kvzap_reference_are_refused(unloaded, tmp_path, method):
     from kvzap_eval.errors import ConfigError
 
     with pytest.raises(ConfigError, match="matched to kvzap_mlp's achieved ratios: add kvzap_mlp"):
-        config_for(tiny, tmp_path / "t.jsonl", methods=["full", method])
-    assert {r.method for r in plan(config_for(tiny, tmp_path / "t.jsonl", methods=["kvzap_mlp", method]))} == {
+        config_for(unloaded, tmp_path / "t.jsonl", methods=["full", method])
+    assert {r.method for r in plan(config_for(unloaded, tmp_path / "t.jsonl", methods=["kvzap_mlp", method]))} == {
         "kvzap_mlp",
         method,
     }
@@ -158,8 +164,9 @@ def test_gate_flags_accuracy_and_latency_regressions():
     assert len(failures) == 2 and "accuracy" in failures[0] and "latency" in failures[1]
 
 
-def test_kvzip_plus_threshold_runs_the_oracle_under_kvzaps_policy(tiny, tmp_path):
-    config = config_for(tiny, tmp_path / "t.jsonl", methods=["kvzap_mlp", "kvzip_plus_threshold"], thresholds=[-2.5])
+def test_kvzip_plus_threshold_runs_the_oracle_under_kvzaps_policy(unloaded, tmp_path):
+    methods = ["kvzap_mlp", "kvzip_plus_threshold"]
+    config = config_for(unloaded, tmp_path / "t.jsonl", methods=methods, thresholds=[-2.5])
     runs = plan(config)
     oracle = [r for r in runs if r.method == "kvzip_plus_threshold"]
     assert [(r.threshold, r.matched_threshold) for r in oracle] == [(-2.5, None)]
