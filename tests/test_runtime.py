@@ -7,7 +7,14 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from kvzap_eval import MethodConfig, build_method, compress
-from kvzap_eval.errors import ConfigError, KVzapError, MissingExtraError, UnsupportedModelError, require
+from kvzap_eval.errors import (
+    CheckpointError,
+    ConfigError,
+    KVzapError,
+    MissingExtraError,
+    UnsupportedModelError,
+    require,
+)
 from kvzap_eval.surrogate import save_surrogate
 
 from .conftest import left_padded, surrogate_for, tiny_model
@@ -131,7 +138,7 @@ def test_bad_settings_fail_with_one_line(settings, message):
 def test_surrogate_for_another_model_names_both_sides(llama, tmp_path):
     other = tiny_model("llama", hidden_size=96)
     path = save_surrogate(surrogate_for(other), tmp_path / "KVzap-mlp-other")
-    with pytest.raises(Exception, match=r"input_dim=96.*hidden_size=64"):
+    with pytest.raises(CheckpointError, match=r"input_dim=96.*hidden_size=64"):
         build_method(llama, surrogate=str(path))
 
 
