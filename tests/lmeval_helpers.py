@@ -13,7 +13,7 @@ def write_tiny_model(root: Path) -> dict:
     """conftest's tiny random Llama with the real SmolLM2 tokenizer, and a surrogate for it, written in hub layout."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from kvzap_eval.embedded import embedded_model_dir
+    from kvzap_eval.llm.embedded import embedded_model_dir
     from kvzap_eval.surrogate import random_surrogate, save_surrogate
 
     from .conftest import tiny_model
@@ -30,7 +30,7 @@ def write_tiny_model(root: Path) -> dict:
 
 def sweep_config(tiny: dict, output: Path, **overrides):
     """A sweep of the tiny model over the tiny generation task: full, KVzap at tau 0 and random at its ratio."""
-    from kvzap_eval.sweep import SweepConfig
+    from kvzap_eval.evaluation.sweep import SweepConfig
 
     settings = dict(
         output=output,

@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvzap_eval import collect as collect_module
-from kvzap_eval.calibration import CalibrationConfig, prefill_ratios, surrogate_scores
-from kvzap_eval.collect import CollectConfig, CollectedData, collect
-from kvzap_eval.corpus import CorpusConfig, build_corpus, common_licenses, python_topics
-from kvzap_eval.methods import MethodConfig, build_method
-from kvzap_eval.runtime import compress
+from kvzap_eval.errors import CorpusError, OutputDirError
+from kvzap_eval.runtime.methods import MethodConfig, build_method
+from kvzap_eval.runtime.session import compress
 from kvzap_eval.surrogate import (
     SHIPPED,
     load_surrogate,
@@ -23,9 +20,12 @@ from kvzap_eval.surrogate import (
     resolve_surrogate_source,
     save_surrogate,
 )
-from kvzap_eval.train import TrainConfig, main, prepare_output, train_surrogates
-from kvzap_eval.train_errors import CorpusError, OutputDirError
-from kvzap_eval.training import (
+from kvzap_eval.surrogate.report import probe_input, probe_scores, recommended_threshold
+from kvzap_eval.train import collect as collect_module
+from kvzap_eval.train.calibration import CalibrationConfig, prefill_ratios, surrogate_scores
+from kvzap_eval.train.collect import CollectConfig, CollectedData, collect
+from kvzap_eval.train.corpus import CorpusConfig, build_corpus, common_licenses, python_topics
+from kvzap_eval.train.fit import (
     MLPConfig,
     RidgeAccumulator,
     fit_ridge,
@@ -33,7 +33,7 @@ from kvzap_eval.training import (
     train_mlp,
     validation_split,
 )
-from kvzap_eval.training_report import probe_input, probe_scores, recommended_threshold
+from kvzap_eval.train.pipeline import TrainConfig, main, prepare_output, train_surrogates
 
 from .conftest import tiny_model
 from .test_teacher import word_tokenizer, words

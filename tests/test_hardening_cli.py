@@ -14,12 +14,11 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from kvzap_eval import cli, train
-from kvzap_eval.collect import CollectConfig, CollectedData, collect
-from kvzap_eval.corpus import CorpusConfig, build_corpus, text_files
-from kvzap_eval.errors import ConfigError
-from kvzap_eval.methods import MethodConfig
-from kvzap_eval.policies import FixedRatioPolicy, ThresholdPolicy
-from kvzap_eval.train_errors import CorpusError, OutputDirError
+from kvzap_eval.errors import ConfigError, CorpusError, OutputDirError
+from kvzap_eval.runtime.methods import MethodConfig
+from kvzap_eval.runtime.policies import FixedRatioPolicy, ThresholdPolicy
+from kvzap_eval.train.collect import CollectConfig, CollectedData, collect
+from kvzap_eval.train.corpus import CorpusConfig, build_corpus, text_files
 
 from .lmeval_helpers import ENV, TASKS
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from kvzap_eval import MethodConfig, build_method, compress
 from kvzap_eval.errors import CheckpointError, ConfigError, KVzapError
 from kvzap_eval.evaluation.model_args import method_config_from_args
-from kvzap_eval.methods import METHOD_SETTINGS, applicable
+from kvzap_eval.runtime.methods import METHOD_SETTINGS, applicable
 from kvzap_eval.surrogate import load_surrogate, save_surrogate
 
 from .conftest import left_padded, surrogate_for, tiny_model
@@ -82,7 +82,7 @@ def test_every_method_accepts_exactly_its_table_entry():
 
 
 def test_sweep_gives_each_method_only_the_shared_settings_it_takes(tiny):
-    from kvzap_eval.sweep import REFERENCE, Run, method_config
+    from kvzap_eval.evaluation.sweep import REFERENCE, Run, method_config
 
     shared = {"surrogate": tiny["surrogate"], "window": 8, "backend": "torch", "n_sink": 2, "seed": 3}
     done = {Run(REFERENCE, "t", 1024, threshold=-3.0).key: {"compression_ratio": 0.6}}

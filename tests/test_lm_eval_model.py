@@ -18,8 +18,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from kvzap_eval.errors import CheckpointError, ConfigError  # noqa: E402
-from kvzap_eval.lm_eval_model import KVzapHFLM  # noqa: E402
-from kvzap_eval.protocol import chunk_widths, split_context_question  # noqa: E402
+from kvzap_eval.evaluation.lm_eval_model import KVzapHFLM  # noqa: E402
+from kvzap_eval.evaluation.protocol import chunk_widths, split_context_question  # noqa: E402
 from kvzap_eval.surrogate import random_surrogate, save_surrogate  # noqa: E402
 
 from .lmeval_helpers import ENV, TASKS  # noqa: E402

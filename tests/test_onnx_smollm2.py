@@ -11,13 +11,13 @@ import torch
 
 from exporters.onnx import main_export
 from kvzap_eval import build_method, compress
-from kvzap_eval.demo import needle_prompt
-from kvzap_eval.loading import load_causal_lm
+from kvzap_eval.llm.loading import load_causal_lm
 from kvzap_eval.surrogate import (
     random_surrogate,
     save_surrogate,
     shipped_surrogate,
 )
+from kvzap_eval.tools.demo import needle_prompt
 
 from .onnx_helpers import needs_onnx
 

@@ -11,11 +11,11 @@ from exporters.manifest import MANIFEST_NAME
 from exporters.onnx import main_export
 from exporters.onnx import ort as ort_import
 from kvzap_eval import build_method, compress
-from kvzap_eval.backends import make_backend
-from kvzap_eval.backends import onnxruntime_backend as ortb
 from kvzap_eval.errors import ArtifactError, ConfigError, MissingExtraError
-from kvzap_eval.methods import MethodConfig
-from kvzap_eval.model_info import placement
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import make_backend
+from kvzap_eval.runtime.backends import onnxruntime_backend as ortb
+from kvzap_eval.runtime.methods import MethodConfig
 
 from .conftest import left_padded, surrogate_for, tiny_model
 from .onnx_helpers import needs_onnx

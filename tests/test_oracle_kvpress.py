@@ -22,11 +22,11 @@ kvpress = pytest.importorskip("kvpress")
 
 from kvpress.presses.kvzap_press import KVzapModel  # noqa: E402
 
-from kvzap_eval.backends import TorchBackend  # noqa: E402
-from kvzap_eval.methods import MethodConfig, build_method  # noqa: E402
-from kvzap_eval.model_info import placement  # noqa: E402
-from kvzap_eval.runtime import compress  # noqa: E402
-from kvzap_eval.scorers import Scorer  # noqa: E402
+from kvzap_eval.llm.model_info import placement  # noqa: E402
+from kvzap_eval.runtime.backends import TorchBackend  # noqa: E402
+from kvzap_eval.runtime.methods import MethodConfig, build_method  # noqa: E402
+from kvzap_eval.runtime.scorers import Scorer  # noqa: E402
+from kvzap_eval.runtime.session import compress  # noqa: E402
 from kvzap_eval.surrogate import random_surrogate, save_surrogate  # noqa: E402
 
 from .conftest import CACHE_KWARG, output_cache, tiny_model  # noqa: E402

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_eval.cache import CompactLayer
 from kvzap_eval.errors import ConfigError
-from kvzap_eval.policies import FixedRatioPolicy, ThresholdPolicy, n_kept_for
-from kvzap_eval.scorers import LayerCall, StreamingScorer
+from kvzap_eval.runtime.cache import CompactLayer
+from kvzap_eval.runtime.policies import FixedRatioPolicy, ThresholdPolicy, n_kept_for
+from kvzap_eval.runtime.scorers import LayerCall, StreamingScorer
 
 
 def filled_layer(batch: int, heads: int, tokens: int, valid: torch.Tensor | None = None) -> CompactLayer:

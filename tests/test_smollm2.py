@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvzap_eval import build_method, compress
-from kvzap_eval.demo import needle_prompt
-from kvzap_eval.loading import load_causal_lm
+from kvzap_eval.llm.loading import load_causal_lm
 from kvzap_eval.surrogate import random_surrogate, save_surrogate
+from kvzap_eval.tools.demo import needle_prompt
 
 pytestmark = pytest.mark.slow
 

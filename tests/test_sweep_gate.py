@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from kvzap_eval import sweep  # noqa: E402
-from kvzap_eval.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
-from kvzap_eval.sweep import Run, append_row, plan, read_table, run_sweep  # noqa: E402
+from kvzap_eval.evaluation import sweep  # noqa: E402
+from kvzap_eval.evaluation.sweep import Run, append_row, plan, read_table, run_sweep  # noqa: E402
+from kvzap_eval.tools.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
 
 from .lmeval_helpers import TASKS  # noqa: E402
 from .lmeval_helpers import sweep_config as config_for  # noqa: E402
@@ -60,7 +60,7 @@ def test_sweep_matches_ratios_and_resumes_without_duplicates(tiny, tmp_path, mon
 
 def test_report_writes_markdown_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from kvzap_eval.report import write_report
+    from kvzap_eval.evaluation.report import write_report
 
     table = tmp_path / "t.jsonl"
     for method, ratio, acc in [("full", 0.0, 0.9), ("kvzap_mlp", 0.6, 0.85), ("random", 0.6, 0.2)]:
@@ -91,7 +91,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
 
 
 def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
-    from kvzap_eval.report import targets
+    from kvzap_eval.evaluation.report import targets
 
     def rows(method, ratio, accuracies, tau=None, matched=None):
         setting = {"method": method, "length": 1024, "compression_ratio": ratio, "threshold": tau, "n": 50}
@@ -117,13 +117,13 @@ def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
 
 
 def test_sweep_defaults_to_the_surrogates_recommended_threshold(tiny, tmp_path):
-    from kvzap_eval.methods import default_threshold
+    from kvzap_eval.runtime.methods import default_threshold
 
     config = config_for(tiny, tmp_path / "t.jsonl", thresholds=None)
     assert config.thresholds == [default_threshold(tiny["surrogate"])]
     # the embedded SmolLM2: the shipped MLP surrogate's training report decides (not the generic -4)
     from kvzap_eval.surrogate import shipped_surrogate
-    from kvzap_eval.training_report import recommended_threshold
+    from kvzap_eval.surrogate.report import recommended_threshold
 
     shipped = shipped_surrogate("SmolLM2-135M-Instruct", "mlp")
     embedded = config_for(tiny, tmp_path / "e.jsonl", thresholds=None, pretrained=None, model_args={})

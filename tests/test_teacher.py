@@ -10,17 +10,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kvzap_eval import MethodConfig, build_method
-from kvzap_eval.errors import ConfigError, KVzapError
-from kvzap_eval.oracle import context_scores, repeat_bridge_ids
-from kvzap_eval.runtime import compress
-from kvzap_eval.scorers import KVzipPlusScorer, LayerCall
+from kvzap_eval.errors import ConfigError, KVzapError, TeacherError
+from kvzap_eval.runtime.oracle import context_scores, repeat_bridge_ids
+from kvzap_eval.runtime.scorers import KVzipPlusScorer, LayerCall
+from kvzap_eval.runtime.session import compress
 from kvzap_eval.teacher import (
     SCORE_FLOOR,
     build_repeat_prompt,
     run_teacher,
     teacher_scores,
 )
-from kvzap_eval.train_errors import TeacherError
 
 from .conftest import tiny_model
 

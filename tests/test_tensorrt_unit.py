@@ -23,10 +23,10 @@ from exporters.trt import (
 from exporters.trt import build as trt_build
 from exporters.trt.__main__ import main as trt_cli
 from exporters.trt.cache import timing_cache_path
-from kvzap_eval.backends import make_backend
-from kvzap_eval.backends.tensorrt_backend import export_dtype_for
 from kvzap_eval.errors import ConfigError, MissingExtraError
-from kvzap_eval.model_info import placement
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import make_backend
+from kvzap_eval.runtime.backends.tensorrt_backend import export_dtype_for
 
 from .conftest import surrogate_for, tiny_model
 
