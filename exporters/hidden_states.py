@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kvzap_eval.errors import ConfigError, EmbeddedModelError
+from kvzap_eval.llm import hub_cache
 from kvzap_eval.surrogate import SurrogateConfig, check_against_model
 
 #: (input_dim, output_dim, n_modules) of the embedded SmolLM2-135M-Instruct.
@@ -51,12 +52,6 @@ def _token_ids(model: torch.nn.Module, tokenizer, tokens: int) -> torch.Tensor:
     return ids
 
 
-def _offline() -> bool:
-    """HF offline mode read from the environment now (huggingface_hub reads it once, at import)."""
-    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
-
-
 def _load(name: str):
     """(model, tokenizer or None) of a named LLM; `ConfigError` (one line) when it does not exist or does not load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,12 +60,14 @@ def _load(name: str):
     if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise ConfigError(f"--hidden-states-model {name!r} does not exist: {fix}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=_offline()).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, local_files_only=hub_cache.offline()
+        ).eval()
     except (OSError, ValueError, KeyError, TypeError) as exc:
         reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         raise ConfigError(f"--hidden-states-model {name!r} does not load as a causal LM ({reason}): {fix}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=_offline())
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=hub_cache.offline())
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
@@ -93,10 +90,10 @@ def hidden_states_for(
                 f"no LLM with the surrogate's shape at hand (input_dim={config.input_dim}, output_dim="
                 f"{config.output_dim}, n_modules={config.n_modules}); pass one with --hidden-states-model"
             )
-        from kvzap_eval.llm.embedded import load_embedded
+        from kvzap_eval.llm.loading import load_causal_lm
 
         try:
-            llm, tokenizer = load_embedded()
+            llm, tokenizer = load_causal_lm()
         except EmbeddedModelError as exc:
             return None, f"embedded SmolLM2 unavailable ({exc})"
         name = "embedded SmolLM2-135M-Instruct"

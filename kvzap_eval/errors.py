@@ -41,6 +41,19 @@ class ModelNotFoundError(KVzapError):
     """The LLM named by a directory or hub id cannot be found or loaded."""
 
 
+# --- surrogate training (teacher, corpus, collection) ---------------------------------------------------------------
+class TeacherError(KVzapError):
+    """The model cannot produce KVzip+ teacher scores (no attention probabilities, unusable prompt)."""
+
+
+class CorpusError(ConfigError):
+    """The training corpus is missing, unreadable, or too short for the token window."""
+
+
+class OutputDirError(KVzapError):
+    """The output directory is not empty, or its collection was made with other settings than this run's."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise `MissingExtraError` naming the extra to install."""
     import importlib

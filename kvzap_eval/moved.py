@@ -23,6 +23,7 @@ MOVED = {
     "kvzap_eval.loading": "kvzap_eval.llm.loading",
     "kvzap_eval.model_info": "kvzap_eval.llm.model_info",
     "kvzap_eval.training_report": "kvzap_eval.surrogate.report",
+    "kvzap_eval.train_errors": "kvzap_eval.errors",
     "kvzap_eval.methods": "kvzap_eval.runtime.methods",
     "kvzap_eval.scorers": "kvzap_eval.runtime.scorers",
     "kvzap_eval.oracle": "kvzap_eval.runtime.oracle",
@@ -70,25 +71,27 @@ def _parents(name: str):
 _MACHINERY = (__name__, "importlib", "kvzap_eval.runtime", "kvzap_eval.train")
 
 
-def _caller_stacklevel() -> int:
+def _caller_stacklevel(depth: int = 0) -> int:
     """The stacklevel, for a `warnings.warn` in our caller, of the first frame outside this module and the import
-    machinery: the user's import. (`warnings` itself skips the frames of importlib's bootstrap when counting.)"""
-    frame = sys._getframe(1)
-    level = 1
+    machinery, `depth` frames further out (a deprecated function passes 1: its own frame is not the user's).
+    (`warnings` itself skips the frames of importlib's bootstrap when counting.)"""
+    frame = sys._getframe(2)
+    level = 2
     while frame is not None:
         internal = "importlib" in frame.f_code.co_filename and "_bootstrap" in frame.f_code.co_filename
         if not internal and frame.f_globals.get("__name__") not in _MACHINERY:
-            return level
+            return level + depth
         level += 0 if internal else 1
         frame = frame.f_back
     return 1
 
 
-def warn_moved(old: str, new: str) -> None:
+def warn_moved(old: str, new: str, depth: int = 0) -> None:
+    """A DeprecationWarning that `old` moved to `new`, pointing at the user's line (see `_caller_stacklevel`)."""
     warnings.warn(
         f"{old} moved to {new}; the old path goes away in the next release",
         DeprecationWarning,
-        stacklevel=_caller_stacklevel(),
+        stacklevel=_caller_stacklevel(depth),
     )
 
 

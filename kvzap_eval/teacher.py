@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .errors import ConfigError
+from .errors import ConfigError, TeacherError
 from .llm.model_info import SUPPORTED_MODEL_TYPES, attention_modules
-from .train_errors import TeacherError
 
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."
 #: Floor applied to scores before the log (an all-zero attention column would otherwise give -inf).

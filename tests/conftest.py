@@ -81,3 +81,24 @@ def tiny(tmp_path_factory):
     from .lmeval_helpers import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("lmeval"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """(tiny LLM, its MLP surrogate, the surrogate in hub layout, {dtype: ExportResult} for fp32 and fp16): the ONNX
+    export every ONNX/ORT/TensorRT test shares, made once per session. Read-only: copy an export before changing it."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module)
+    from exporters.onnx import main_export
+
+    from .onnx_helpers import checkpoint
+
+    tmp = tmp_path_factory.mktemp("onnx-export")
+    model, surrogate, path = checkpoint(tmp)
+    results = {
+        dtype: main_export(
+            str(path), tmp / dtype, dtype=dtype, hidden_states_model=None, threshold=0.0, log=lambda _: None
+        )
+        for dtype in ("fp32", "fp16")
+    }
+    return model, surrogate, path, results

@@ -5,35 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 TASKS = str(Path(__file__).parent / "data" / "lmeval_tasks")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def write_tiny_model(root: Path) -> dict:
-    """A tiny random Llama with the real SmolLM2 tokenizer, and a surrogate for it, written in hub layout."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """conftest's tiny random Llama with the real SmolLM2 tokenizer, and a surrogate for it, written in hub layout."""
+    from transformers import AutoTokenizer, GenerationConfig
 
-    from kvzap_eval.embedded import embedded_model_dir
+    from kvzap_eval.llm.embedded import embedded_model_dir
     from kvzap_eval.surrogate import random_surrogate, save_surrogate
 
+    from .conftest import tiny_model
+
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
+    model = tiny_model("llama", seed=0, sharpen=4.0, vocab_size=len(tokenizer), max_position_embeddings=1024)
+    model.generation_config = GenerationConfig.from_model_config(model.config)  # lm-eval stops at the real eos
+    config = model.config
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     save_surrogate(random_surrogate(config, "mlp", seed=1, scale=4.0), root / "surrogate")
@@ -42,7 +30,7 @@ def write_tiny_model(root: Path) -> dict:
 
 def sweep_config(tiny: dict, output: Path, **overrides):
     """A sweep of the tiny model over the tiny generation task: full, KVzap at tau 0 and random at its ratio."""
-    from kvzap_eval.sweep import SweepConfig
+    from kvzap_eval.evaluation.sweep import SweepConfig
 
     settings = dict(
         output=output,

@@ -1,4 +1,5 @@
-"""Shared pieces of the ONNX/ORT tests: tiny checkpoints in the hub layout, exported once per session."""
+"""Shared pieces of the ONNX/ORT tests: tiny checkpoints in the hub layout (the shared export: conftest's
+`tiny_export`)."""
 
 from __future__ import annotations
 

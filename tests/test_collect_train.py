@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvzap_eval import collect as collect_module
-from kvzap_eval.calibration import CalibrationConfig, prefill_ratios, surrogate_scores
-from kvzap_eval.collect import CollectConfig, CollectedData, collect
-from kvzap_eval.corpus import CorpusConfig, build_corpus, common_licenses, python_topics
-from kvzap_eval.methods import MethodConfig, build_method
-from kvzap_eval.runtime import compress
+from kvzap_eval.errors import CorpusError, OutputDirError
+from kvzap_eval.runtime.methods import MethodConfig, build_method
+from kvzap_eval.runtime.session import compress
 from kvzap_eval.surrogate import (
     SHIPPED,
     load_surrogate,
@@ -23,9 +20,12 @@ from kvzap_eval.surrogate import (
     resolve_surrogate_source,
     save_surrogate,
 )
-from kvzap_eval.train import TrainConfig, main, prepare_output, train_surrogates
-from kvzap_eval.train_errors import CorpusError, OutputDirError
-from kvzap_eval.training import (
+from kvzap_eval.surrogate.report import probe_input, probe_scores, recommended_threshold
+from kvzap_eval.train import collect as collect_module
+from kvzap_eval.train.calibration import CalibrationConfig, prefill_ratios, surrogate_scores
+from kvzap_eval.train.collect import CollectConfig, CollectedData, collect
+from kvzap_eval.train.corpus import CorpusConfig, build_corpus, common_licenses, python_topics
+from kvzap_eval.train.fit import (
     MLPConfig,
     RidgeAccumulator,
     fit_ridge,
@@ -33,7 +33,7 @@ from kvzap_eval.training import (
     train_mlp,
     validation_split,
 )
-from kvzap_eval.training_report import probe_input, probe_scores, recommended_threshold
+from kvzap_eval.train.pipeline import TrainConfig, main, prepare_output, train_surrogates
 
 from .conftest import tiny_model
 from .test_teacher import word_tokenizer, words
@@ -252,7 +252,7 @@ def test_calibrated_ratio_equals_the_runtime_ratio(tmp_path, llama):
         )
         with compress(llama, method) as session:
             llama(ids)
-            ratio = session.stats().compression_ratio
+            ratio = session.stats().achieved_compression_ratio
         assert prefill_ratios(scores, [tau], window=16)[0] == pytest.approx(ratio, abs=1e-9)
 
 
@@ -369,9 +369,9 @@ def test_shipped_reports_record_held_out_r2_and_a_3x_threshold(kind):
 
 @pytest.mark.slow
 def test_shipped_mlp_is_the_default_for_the_embedded_model_and_prunes_near_3x():
-    from kvzap_eval.embedded import load_embedded
+    from kvzap_eval.llm.loading import load_causal_lm
 
-    model, tokenizer = load_embedded()
+    model, tokenizer = load_causal_lm()
     tau = recommended_threshold(shipped("mlp"))
     assert Path(resolve_surrogate_source(model.config, None, "mlp")) == shipped("mlp")
     method = build_method(model, MethodConfig(method="kvzap", threshold=tau))  # surrogate resolved by name
@@ -381,4 +381,4 @@ def test_shipped_mlp_is_the_default_for_the_embedded_model_and_prunes_near_3x():
     )["input_ids"]
     with compress(model, method) as session, torch.inference_mode():
         model(ids)
-    assert 0.45 < session.stats().compression_ratio < 0.85
+    assert 0.45 < session.stats().achieved_compression_ratio < 0.85

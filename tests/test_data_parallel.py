@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
 from kvzap_eval.errors import ConfigError  # noqa: E402
-from kvzap_eval.sweep import Shard, merge_tables, read_table, run_sweep  # noqa: E402
+from kvzap_eval.evaluation.sweep import Shard, merge_tables, read_table, run_sweep  # noqa: E402
 
 from .lmeval_helpers import ENV, TASKS  # noqa: E402
 from .lmeval_helpers import sweep_config as tiny_sweep  # noqa: E402
@@ -175,7 +175,7 @@ def test_bad_shard_is_refused(text):
 
 
 def test_bad_sweep_model_args_are_refused():
-    from kvzap_eval.sweep import parse_model_args
+    from kvzap_eval.evaluation.sweep import parse_model_args
 
     assert parse_model_args("window=64,backend=onnxruntime") == {"window": 64, "backend": "onnxruntime"}
     with pytest.raises(ConfigError, match="name=value"):

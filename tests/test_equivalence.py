@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_eval.backends import TorchBackend
-from kvzap_eval.methods import Method, MethodConfig
-from kvzap_eval.model_info import placement
-from kvzap_eval.policies import ThresholdPolicy
-from kvzap_eval.runtime import compress
-from kvzap_eval.scorers import KVzapScorer
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import TorchBackend
+from kvzap_eval.runtime.methods import Method, MethodConfig
+from kvzap_eval.runtime.policies import ThresholdPolicy
+from kvzap_eval.runtime.scorers import KVzapScorer
+from kvzap_eval.runtime.session import compress
 
 from .conftest import CACHE_KWARG, left_padded, output_cache, surrogate_for, tiny_model
 from .dms_reference import MaskingDMS, masking_dms

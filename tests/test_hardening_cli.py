@@ -14,12 +14,11 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from kvzap_eval import cli, train
-from kvzap_eval.collect import CollectConfig, CollectedData, collect
-from kvzap_eval.corpus import CorpusConfig, build_corpus, text_files
-from kvzap_eval.errors import ConfigError
-from kvzap_eval.oracle import OracleConfig
-from kvzap_eval.policies import FixedRatioPolicy, ThresholdPolicy
-from kvzap_eval.train_errors import CorpusError, OutputDirError
+from kvzap_eval.errors import ConfigError, CorpusError, OutputDirError
+from kvzap_eval.runtime.methods import MethodConfig
+from kvzap_eval.runtime.policies import FixedRatioPolicy, ThresholdPolicy
+from kvzap_eval.train.collect import CollectConfig, CollectedData, collect
+from kvzap_eval.train.corpus import CorpusConfig, build_corpus, text_files
 
 from .lmeval_helpers import ENV, TASKS
 
@@ -65,9 +64,9 @@ def config_only_dir(tmp_path_factory) -> str:
     ],
 )
 def test_demo_mistakes_are_one_line(capsys, monkeypatch, args, message):
-    from kvzap_eval.surrogate import hub
+    from kvzap_eval.llm import hub_cache
 
-    monkeypatch.setattr(hub, "_offline", lambda: True)
+    monkeypatch.setattr(hub_cache, "offline", lambda: True)
     assert message in one_error_line(capsys, cli.main(["demo", *args]))
 
 
@@ -238,11 +237,11 @@ def test_a_manifest_without_its_fields_is_refused(collected):
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), True])
-def test_policies_and_the_oracle_refuse_alpha_outside_the_unit_interval(alpha):
+def test_policies_and_the_oracle_method_refuse_alpha_outside_the_unit_interval(alpha):
     with pytest.raises(ConfigError, match="alpha must be a number in \\[0, 1\\]"):
         FixedRatioPolicy(0.5, scope="layer", alpha=alpha)
-    with pytest.raises(ConfigError, match="alpha must be a number in \\[0, 1\\]"):
-        OracleConfig(compression_ratio=0.5, alpha=alpha)
+    with pytest.raises(ConfigError, match="alpha"):
+        MethodConfig(method="kvzip_plus", compression_ratio=0.5, alpha=alpha)
 
 
 @pytest.mark.parametrize("window", [float("nan"), float("inf"), True, "8"])

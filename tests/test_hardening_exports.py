@@ -17,24 +17,22 @@ from exporters.onnx import main_export
 from exporters.onnx.__main__ import main as onnx_cli
 from exporters.source import file_sha256, weights_sha256
 from exporters.trt.__main__ import main as trt_cli
-from kvzap_eval.backends import make_backend
 from kvzap_eval.errors import ArtifactError
-from kvzap_eval.model_info import placement
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import make_backend
 from kvzap_eval.surrogate import save_surrogate
 
 from .conftest import surrogate_for
-from .onnx_helpers import checkpoint, needs_onnx
+from .onnx_helpers import needs_onnx
 
 needs_onnx()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny LLM, its surrogate checkpoint and an fp32 export of it, exported once for the module."""
-    tmp = tmp_path_factory.mktemp("hardening")
-    model, surrogate, path = checkpoint(tmp)
-    export = main_export(str(path), tmp / "fp32", hidden_states_model=None, log=lambda _: None).directory
-    return model, surrogate, path, export
+@pytest.fixture
+def setup(tiny_export):
+    """A tiny LLM, its surrogate checkpoint and the session's fp32 export of it (read-only: copy_export first)."""
+    model, surrogate, path, results = tiny_export
+    return model, surrogate, path, results["fp32"].directory
 
 
 def copy_export(src: Path, dst: Path) -> Path:
@@ -444,8 +442,8 @@ def test_an_artifact_directory_for_a_backend_that_reads_none_is_refused(setup, n
 
 @pytest.mark.parametrize("threads", [0, -2, True, 1.5])
 def test_onnxruntime_threads_must_be_a_positive_whole_number(setup, threads):
-    from kvzap_eval.backends.onnxruntime_backend import OrtSettings
     from kvzap_eval.errors import ConfigError
+    from kvzap_eval.runtime.backends.onnxruntime_backend import OrtSettings
 
     with pytest.raises(ConfigError, match=rf"onnxruntime threads={threads!r} must be a whole number >= 1"):
         OrtSettings(threads=threads)

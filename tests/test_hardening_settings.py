@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from kvzap_eval import MethodConfig, build_method, compress
 from kvzap_eval.errors import CheckpointError, ConfigError, KVzapError
-from kvzap_eval.lm_eval_model import method_config_from_args
-from kvzap_eval.methods import METHOD_SETTINGS, applicable
+from kvzap_eval.evaluation.model_args import method_config_from_args
+from kvzap_eval.runtime.methods import METHOD_SETTINGS, applicable
 from kvzap_eval.surrogate import load_surrogate, save_surrogate
 
 from .conftest import left_padded, surrogate_for, tiny_model
@@ -82,7 +82,7 @@ def test_every_method_accepts_exactly_its_table_entry():
 
 
 def test_sweep_gives_each_method_only_the_shared_settings_it_takes(tiny):
-    from kvzap_eval.sweep import REFERENCE, Run, method_config
+    from kvzap_eval.evaluation.sweep import REFERENCE, Run, method_config
 
     shared = {"surrogate": tiny["surrogate"], "window": 8, "backend": "torch", "n_sink": 2, "seed": 3}
     done = {Run(REFERENCE, "t", 1024, threshold=-3.0).key: {"compression_ratio": 0.6}}
@@ -194,12 +194,12 @@ def test_nested_compress_on_one_model_is_one_line_and_the_outer_block_still_work
                 pass
         assert "\n" not in str(info.value)
         llama(input_ids=ids, attention_mask=mask)
-        assert 0.0 < outer.stats().compression_ratio < 1.0
+        assert 0.0 < outer.stats().achieved_compression_ratio < 1.0
     assert llama.config._attn_implementation == before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in llama.modules())
     with compress(llama, method) as again:  # the model is free again
         llama(input_ids=ids, attention_mask=mask)
-        assert again.stats().compression_ratio == outer.stats().compression_ratio
+        assert again.stats().achieved_compression_ratio == outer.stats().achieved_compression_ratio
 
 
 def test_two_models_can_each_have_their_block():
@@ -209,7 +209,7 @@ def test_two_models_can_each_have_their_block():
         with compress(second, build_method(second, method="random", compression_ratio=0.5)) as b:
             first(input_ids=ids, attention_mask=mask)
             second(input_ids=ids, attention_mask=mask)
-    assert a.stats().compression_ratio == b.stats().compression_ratio == pytest.approx(0.5, abs=0.05)
+    assert a.stats().achieved_compression_ratio == b.stats().achieved_compression_ratio == pytest.approx(0.5, abs=0.05)
 
 
 # --------------------------------------------------------------------------------------- method of another model

@@ -15,8 +15,8 @@ pytest.importorskip("lm_eval")
 
 from kvzap_eval import cli  # noqa: E402
 from kvzap_eval.errors import ConfigError  # noqa: E402
-from kvzap_eval.sweep import merge_tables, run_sweep  # noqa: E402
-from kvzap_eval.table import TORN_SUFFIX, append_row, load_table, read_table, repair_table  # noqa: E402
+from kvzap_eval.evaluation.sweep import merge_tables, run_sweep  # noqa: E402
+from kvzap_eval.evaluation.table import TORN_SUFFIX, append_row, load_table, read_table, repair_table  # noqa: E402
 
 from .lmeval_helpers import TASKS  # noqa: E402
 from .lmeval_helpers import sweep_config as config_for  # noqa: E402
@@ -198,7 +198,7 @@ def tiny_args(tiny) -> dict:
 
 
 def test_the_same_sweep_again_skips_everything(tiny, table_copy, monkeypatch):
-    from kvzap_eval import lm_eval_model
+    from kvzap_eval.evaluation import lm_eval_model
 
     monkeypatch.setattr(lm_eval_model, "KVzapHFLM", lambda *a, **k: pytest.fail("nothing should be evaluated"))
     assert len(run_sweep(config_for(tiny, table_copy))) == 3
@@ -234,7 +234,7 @@ def test_merge_refuses_tables_of_other_identities_unless_on_purpose(tmp_path):
 
 def test_a_mixed_table_gets_one_report_per_identity(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from kvzap_eval.report import write_report
+    from kvzap_eval.evaluation.report import write_report
 
     rows = [row("full", task="a", accuracy=0.9, identity={"limit": 3})]
     for name, accuracy in (("s1", 0.8), ("s2", 0.4)):
@@ -262,7 +262,7 @@ def test_report_without_out_writes_beside_its_table_never_into_reports(tmp_path,
 
 @pytest.mark.parametrize("name", ["accuracy", "accuracy-n50"])
 def test_the_committed_tables_without_identities_still_report_the_same(name):
-    from kvzap_eval.report import markdown
+    from kvzap_eval.evaluation.report import markdown
 
     table = REPO / "reports" / name / "smollm2.jsonl"
     rows = list({r["key"]: r for r in load_table(table)}.values())
@@ -305,7 +305,7 @@ GOOD_BASELINE = {
     ],
 )
 def test_a_baseline_that_could_not_fail_or_cannot_be_read_is_refused(tmp_path, capsys, text, says):
-    from kvzap_eval.gate import Baseline
+    from kvzap_eval.tools.gate import Baseline
 
     baseline = tmp_path / "b.json"
     baseline.write_text(text)
@@ -317,7 +317,7 @@ def test_a_baseline_that_could_not_fail_or_cannot_be_read_is_refused(tmp_path, c
 
 
 def test_a_gate_measuring_nan_fails():
-    from kvzap_eval.gate import Baseline, Measurement, Tolerances, compare
+    from kvzap_eval.tools.gate import Baseline, Measurement, Tolerances, compare
 
     baseline = Baseline(**{**GOOD_BASELINE, "tolerances": Tolerances()})
     failures = compare(baseline, Measurement({"t": math.nan}, {"t": 0.6}, None))
@@ -453,7 +453,7 @@ def test_every_bad_merge_argument_is_one_line(tmp_path, capsys):
 
 
 def test_a_shard_without_runs_says_so(tiny, tmp_path, capsys):
-    from kvzap_eval.sweep import Shard, plan
+    from kvzap_eval.evaluation.sweep import Shard, plan
 
     assert plan(config_for(tiny, tmp_path / "t.jsonl", shard=Shard(1, 2))) == []
     assert "shard 1/2 holds none of the 1 (task, length) groups" in capsys.readouterr().err

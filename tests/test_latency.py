@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvzap_eval.cli import SUBCOMMANDS
-from kvzap_eval.latency import (
+from kvzap_eval.surrogate import KVzapSurrogate, SurrogateConfig
+from kvzap_eval.tools.latency import (
     REFERENCE,
     Case,
     load_report,
@@ -16,7 +17,6 @@ from kvzap_eval.latency import (
     run_latency,
     write_report,
 )
-from kvzap_eval.surrogate import KVzapSurrogate, SurrogateConfig
 
 
 def test_latency_report_times_each_backend_next_to_the_kvpress_style_call(tmp_path, monkeypatch):

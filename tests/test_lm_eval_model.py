@@ -17,9 +17,9 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from kvzap_eval.errors import ConfigError  # noqa: E402
-from kvzap_eval.lm_eval_model import KVzapHFLM  # noqa: E402
-from kvzap_eval.protocol import chunk_widths, split_context_question  # noqa: E402
+from kvzap_eval.errors import CheckpointError, ConfigError  # noqa: E402
+from kvzap_eval.evaluation.lm_eval_model import KVzapHFLM  # noqa: E402
+from kvzap_eval.evaluation.protocol import chunk_widths, split_context_question  # noqa: E402
 from kvzap_eval.surrogate import random_surrogate, save_surrogate  # noqa: E402
 
 from .lmeval_helpers import ENV, TASKS  # noqa: E402
@@ -140,7 +140,7 @@ def test_surrogate_for_another_model_is_refused(tiny, tmp_path):
     other = random_surrogate(
         LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     )
-    with pytest.raises(Exception, match="input_dim=32 does not match the model's hidden_size=64"):
+    with pytest.raises(CheckpointError, match="input_dim=32 does not match the model's hidden_size=64"):
         make_lm(tiny, surrogate=str(save_surrogate(other, tmp_path / "other")))
 
 

@@ -19,13 +19,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """An fp32 export of a tiny 2-layer MLP surrogate, shared by the read-only tests below."""
-    tmp = tmp_path_factory.mktemp("export")
-    model, surrogate, path = checkpoint(tmp)
-    result = main_export(str(path), tmp / "onnx", hidden_states_model=None, threshold=0.0)
-    return model, surrogate, path, result
+@pytest.fixture
+def exported(tiny_export):
+    """The session's fp32 export of a tiny 2-layer MLP surrogate (read-only)."""
+    model, surrogate, path, results = tiny_export
+    return model, surrogate, path, results["fp32"]
 
 
 def run_file(path, x: torch.Tensor) -> torch.Tensor:

@@ -9,27 +9,25 @@ import torch
 
 from exporters.manifest import MANIFEST_NAME
 from exporters.onnx import main_export
+from exporters.onnx import ort as ort_import
 from kvzap_eval import build_method, compress
-from kvzap_eval.backends import make_backend
-from kvzap_eval.backends import onnxruntime_backend as ortb
 from kvzap_eval.errors import ArtifactError, ConfigError, MissingExtraError
-from kvzap_eval.methods import MethodConfig
-from kvzap_eval.model_info import placement
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import make_backend
+from kvzap_eval.runtime.backends import onnxruntime_backend as ortb
+from kvzap_eval.runtime.methods import MethodConfig
 
 from .conftest import left_padded, surrogate_for, tiny_model
-from .onnx_helpers import checkpoint, needs_onnx
+from .onnx_helpers import needs_onnx
 
 needs_onnx()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny LLM, its surrogate checkpoint, and fp32 / fp16 exports of it."""
-    tmp = tmp_path_factory.mktemp("ort")
-    model, surrogate, path = checkpoint(tmp)
-    exports = {dtype: main_export(str(path), tmp / dtype, dtype=dtype, hidden_states_model=None).directory
-               for dtype in ("fp32", "fp16")}  # fmt: skip
-    return model, surrogate, path, exports
+@pytest.fixture
+def setup(tiny_export):
+    """A tiny LLM, its surrogate checkpoint, and the session's fp32 / fp16 exports of it (read-only)."""
+    model, surrogate, path, results = tiny_export
+    return model, surrogate, path, {dtype: result.directory for dtype, result in results.items()}
 
 
 def held(session) -> list[set[tuple[int, int, int]]]:
@@ -70,7 +68,7 @@ def test_generation_evicts_exactly_what_the_torch_backend_evicts(setup, lengths)
         method = build_method(model, surrogate=str(path), threshold=0.0, window=8, backend=backend, **artifacts)
         with compress(model, method) as session:
             tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-        runs[backend] = tokens, held(session), session.stats().compression_ratio
+        runs[backend] = tokens, held(session), session.stats().achieved_compression_ratio
     assert torch.equal(runs["torch"][0], runs["onnxruntime"][0])
     assert runs["torch"][1] == runs["onnxruntime"][1]
     assert 0.1 < runs["torch"][2] < 0.9
@@ -210,9 +208,9 @@ def test_both_onnxruntime_flavours_installed_is_detected_and_explained(setup, mo
     def version(name):
         if name in versions:
             return versions[name]
-        raise ortb.metadata.PackageNotFoundError(name)
+        raise ort_import.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(ortb.metadata, "version", version)
+    monkeypatch.setattr(ort_import.metadata, "version", version)
     with pytest.raises(ConfigError) as error:
         make_backend("onnxruntime", surrogate, placement(model), exports["fp32"])
     message = str(error.value)
@@ -222,7 +220,7 @@ def test_both_onnxruntime_flavours_installed_is_detected_and_explained(setup, mo
 
 def test_missing_onnxruntime_names_the_extra(setup, monkeypatch):
     model, surrogate, _, exports = setup
-    monkeypatch.setattr(ortb, "installed_onnxruntime", dict)
+    monkeypatch.setattr(ort_import, "installed_onnxruntime", dict)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     with pytest.raises(MissingExtraError, match=r"onnxruntime is not installed: pip install 'kvzap-eval\[onnx\]'"):
         make_backend("onnxruntime", surrogate, placement(model), exports["fp32"])

@@ -22,11 +22,11 @@ kvpress = pytest.importorskip("kvpress")
 
 from kvpress.presses.kvzap_press import KVzapModel  # noqa: E402
 
-from kvzap_eval.backends import TorchBackend  # noqa: E402
-from kvzap_eval.methods import MethodConfig, build_method  # noqa: E402
-from kvzap_eval.model_info import placement  # noqa: E402
-from kvzap_eval.runtime import compress  # noqa: E402
-from kvzap_eval.scorers import Scorer  # noqa: E402
+from kvzap_eval.llm.model_info import placement  # noqa: E402
+from kvzap_eval.runtime.backends import TorchBackend  # noqa: E402
+from kvzap_eval.runtime.methods import MethodConfig, build_method  # noqa: E402
+from kvzap_eval.runtime.scorers import Scorer  # noqa: E402
+from kvzap_eval.runtime.session import compress  # noqa: E402
 from kvzap_eval.surrogate import random_surrogate, save_surrogate  # noqa: E402
 
 from .conftest import CACHE_KWARG, output_cache, tiny_model  # noqa: E402
@@ -141,9 +141,9 @@ class RecordingScorer(Scorer):
         self.scorer = scorer
         self.scores: dict[int, list[torch.Tensor]] = {}
 
-    def __call__(self, layer_idx, hidden_states, positions):
-        scores = self.scorer(layer_idx, hidden_states, positions)
-        self.scores.setdefault(layer_idx, []).append(scores.detach().float().clone())
+    def score(self, call):
+        scores = self.scorer.score(call)
+        self.scores.setdefault(call.layer_idx, []).append(scores.detach().float().clone())
         return scores
 
 
@@ -236,7 +236,9 @@ def test_evictions_equal_dms_press(tmp_path, arch, model_type, window, chunks, d
     )
     method.scorer = ours_scores = RecordingScorer(method.scorer)
     with compress(model, method) as session:
-        got, ratios, logits = drive(model, tokens, chunks, ours_evicted, lambda: session.stats().compression_ratio)
+        got, ratios, logits = drive(
+            model, tokens, chunks, ours_evicted, lambda: session.stats().achieved_compression_ratio
+        )
 
     # no score is ambiguous at the threshold
     num_layers = model.config.num_hidden_layers

@@ -13,9 +13,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from kvzap_eval.errors import ConfigError
-from kvzap_eval.methods import build_method
-from kvzap_eval.model_info import placement
-from kvzap_eval.runtime import compress
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.methods import build_method
+from kvzap_eval.runtime.session import compress
 from kvzap_eval.surrogate import save_surrogate
 
 from .conftest import left_padded, surrogate_for, tiny_model
@@ -71,7 +71,9 @@ def test_scorer_and_cache_layers_take_their_decoder_layers_dtype(split_model):
     assert layers[0].keys.dtype == layers[0].values.dtype == torch.float32
     assert layers[1].keys.dtype == layers[1].values.dtype == torch.bfloat16
     assert all(layer.keys.device == device for layer, (device, _) in zip(layers, placement(model)))
-    assert 0.0 < session.stats().compression_ratio < 1.0, "both layers evicted: the bf16 layer's scores were used"
+    assert 0.0 < session.stats().achieved_compression_ratio < 1.0, (
+        "both layers evicted: the bf16 layer's scores were used"
+    )
 
 
 def test_backends_bind_each_layer_to_its_device(tmp_path, monkeypatch):
@@ -98,7 +100,7 @@ def test_onnxruntime_sessions_follow_their_layers(split_model, tmp_path, monkeyp
 
 def test_kvzap_hf_with_parallelize_places_the_scorer_per_layer(tiny):
     pytest.importorskip("lm_eval")
-    from kvzap_eval.lm_eval_model import KVzapHFLM
+    from kvzap_eval.evaluation.lm_eval_model import KVzapHFLM
 
     lm = KVzapHFLM(pretrained=tiny["model"], surrogate=tiny["surrogate"], parallelize=True, dtype="float32")
     weights = lm.method.scorer.backend.weights

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_eval.cache import CompactLayer
 from kvzap_eval.errors import ConfigError
-from kvzap_eval.policies import FixedRatioPolicy, ThresholdPolicy, n_kept_for
-from kvzap_eval.scorers import StreamingScorer
+from kvzap_eval.runtime.cache import CompactLayer
+from kvzap_eval.runtime.policies import FixedRatioPolicy, ThresholdPolicy, n_kept_for
+from kvzap_eval.runtime.scorers import LayerCall, StreamingScorer
 
 
 def filled_layer(batch: int, heads: int, tokens: int, valid: torch.Tensor | None = None) -> CompactLayer:
@@ -19,7 +19,7 @@ def filled_layer(batch: int, heads: int, tokens: int, valid: torch.Tensor | None
 
 
 def decide(policy, layer, scores):
-    drop = policy.select(layer, scores)
+    drop = policy.decide(layer, scores)
     if drop is not None:
         layer.evict(drop, compact=scores.shape[-1] > 1)
     return layer
@@ -41,7 +41,7 @@ def test_evicts_strictly_below_threshold():
 
 def test_prompt_shorter_than_window_decides_nothing():
     layer = filled_layer(1, 2, 5)
-    assert ThresholdPolicy(0.0, window=8).select(layer, torch.full((1, 2, 5), -100.0)) is None
+    assert ThresholdPolicy(0.0, window=8).decide(layer, torch.full((1, 2, 5), -100.0)) is None
 
 
 def test_decoding_decides_each_token_once_when_it_leaves_the_window():
@@ -120,7 +120,8 @@ def test_adakv_matches_direct_budget_computation():
 def test_streaming_keeps_sinks_and_recent_tokens_of_real_tokens():
     valid = torch.tensor([[False, False] + [True] * 20])
     layer = filled_layer(1, 1, 22, valid)
-    scores = StreamingScorer(num_kv_heads=1, n_sink=4)(0, torch.zeros(1, 22, 8), layer.new_token_index)
+    call = LayerCall(0, torch.zeros(1, 22, 8), layer.new_token_index, module=None, kwargs={}, layer=layer)
+    scores = StreamingScorer(num_kv_heads=1, n_sink=4).score(call)
     decide(FixedRatioPolicy(0.5), layer, scores)
     assert kept_positions(layer) == [2, 3, 4, 5] + list(range(16, 22))
 

@@ -7,7 +7,14 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from kvzap_eval import MethodConfig, build_method, compress
-from kvzap_eval.errors import ConfigError, KVzapError, MissingExtraError, UnsupportedModelError, require
+from kvzap_eval.errors import (
+    CheckpointError,
+    ConfigError,
+    KVzapError,
+    MissingExtraError,
+    UnsupportedModelError,
+    require,
+)
 from kvzap_eval.surrogate import save_surrogate
 
 from .conftest import left_padded, surrogate_for, tiny_model
@@ -28,13 +35,13 @@ def test_prefill_compaction_frees_memory_and_bytes_follow_kept_count(llama, surr
     with compress(llama, method) as session:
         llama(input_ids=ids, attention_mask=mask)
         stats = session.stats()
-    assert 0.2 < stats.compression_ratio < 0.9
+    assert 0.2 < stats.achieved_compression_ratio < 0.9
     for layer, layer_stats in zip(session.cache.layers, stats.layers):
         kept = layer.kept()
         assert layer.keys.shape[-2] == int(kept.max()), "physical length is the longest row, nothing more"
         assert layer_stats.kept.sum() + layer_stats.evicted.sum() == 120 * 2
     kv_fraction = sum(layer.kv_nbytes() for layer in session.cache.layers) / stats.full_kv_nbytes
-    assert kv_fraction <= 1 - stats.compression_ratio + 0.15  # the gap is the rectangular padding across heads
+    assert kv_fraction <= 1 - stats.achieved_compression_ratio + 0.15  # the gap is the rectangular padding across heads
 
 
 def test_full_method_equals_stock_dense_cache(llama):
@@ -71,7 +78,7 @@ def test_pause_runs_without_pruning(llama, surrogate_dir):
     with compress(llama, build_method(llama, surrogate=surrogate_dir, threshold=0.0, window=4)) as session:
         with session.pause():
             llama(input_ids=ids, attention_mask=mask)
-        assert session.stats().compression_ratio == 0.0
+        assert session.stats().achieved_compression_ratio == 0.0
 
 
 def test_decode_reuses_freed_slots(llama, surrogate_dir):
@@ -131,10 +138,27 @@ def test_bad_settings_fail_with_one_line(settings, message):
 def test_surrogate_for_another_model_names_both_sides(llama, tmp_path):
     other = tiny_model("llama", hidden_size=96)
     path = save_surrogate(surrogate_for(other), tmp_path / "KVzap-mlp-other")
-    with pytest.raises(Exception, match=r"input_dim=96.*hidden_size=64"):
+    with pytest.raises(CheckpointError, match=r"input_dim=96.*hidden_size=64"):
         build_method(llama, surrogate=str(path))
 
 
 def test_missing_extra_names_the_extra():
     with pytest.raises(MissingExtraError, match=r"pip install 'kvzap-eval\[trt\]'"):
         require("tensorrt", "trt")
+
+
+@pytest.mark.parametrize(
+    "settings, prefill_only",
+    [
+        ({"method": "kvzap"}, False),
+        ({"method": "kvzap", "decoding": False}, False),  # still prunes a question after the context
+        ({"method": "full"}, False),
+        ({"method": "random", "compression_ratio": 0.5}, True),
+        ({"method": "kvzap_adakv", "compression_ratio": 0.5}, True),
+        ({"method": "kvzip_plus", "threshold": -4.0}, True),
+    ],
+)
+def test_a_method_says_whether_it_prunes_the_prefill_only(settings, prefill_only):
+    from kvzap_eval.runtime.methods import Method
+
+    assert Method(MethodConfig(**settings), scorer=None, policy=None).prefill_only is prefill_only

@@ -6,28 +6,34 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from kvzap_eval import sweep  # noqa: E402
-from kvzap_eval.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
-from kvzap_eval.sweep import Run, append_row, plan, read_table, run_sweep  # noqa: E402
+from kvzap_eval.evaluation import sweep  # noqa: E402
+from kvzap_eval.evaluation.sweep import Run, append_row, plan, read_table, run_sweep  # noqa: E402
+from kvzap_eval.tools.gate import Baseline, Measurement, Tolerances, compare, measure  # noqa: E402
 
 from .lmeval_helpers import TASKS  # noqa: E402
 from .lmeval_helpers import sweep_config as config_for  # noqa: E402
 
 
-def test_plan_runs_kvzap_before_the_methods_matched_to_it(tiny, tmp_path):
-    runs = plan(config_for(tiny, tmp_path / "t.jsonl", thresholds=[0.0, 1.0]))
+@pytest.fixture
+def unloaded(tmp_path):
+    """Model and surrogate paths that are never read: planning a sweep loads no model, tokenizer or surrogate."""
+    return {"model": str(tmp_path / "no-model"), "surrogate": str(tmp_path / "no-surrogate")}
+
+
+def test_plan_runs_kvzap_before_the_methods_matched_to_it(unloaded, tmp_path):
+    runs = plan(config_for(unloaded, tmp_path / "t.jsonl", thresholds=[0.0, 1.0]))
     methods = [r.method for r in runs]
     assert methods.index("random") > max(i for i, m in enumerate(methods) if m == "kvzap_mlp")
     assert {r.matched_threshold for r in runs if r.method == "random"} == {0.0, 1.0}
 
 
 @pytest.mark.parametrize("method", ["random", "snapkv", "kvzap_adakv", "kvzip_plus"])
-def test_matched_ratio_methods_without_their_kvzap_reference_are_refused(tiny, tmp_path, method):
+def test_matched_ratio_methods_without_their_kvzap_reference_are_refused(unloaded, tmp_path, method):
     from kvzap_eval.errors import ConfigError
 
     with pytest.raises(ConfigError, match="matched to kvzap_mlp's achieved ratios: add kvzap_mlp"):
-        config_for(tiny, tmp_path / "t.jsonl", methods=["full", method])
-    assert {r.method for r in plan(config_for(tiny, tmp_path / "t.jsonl", methods=["kvzap_mlp", method]))} == {
+        config_for(unloaded, tmp_path / "t.jsonl", methods=["full", method])
+    assert {r.method for r in plan(config_for(unloaded, tmp_path / "t.jsonl", methods=["kvzap_mlp", method]))} == {
         "kvzap_mlp",
         method,
     }
@@ -54,7 +60,7 @@ def test_sweep_matches_ratios_and_resumes_without_duplicates(tiny, tmp_path, mon
 
 def test_report_writes_markdown_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from kvzap_eval.report import write_report
+    from kvzap_eval.evaluation.report import write_report
 
     table = tmp_path / "t.jsonl"
     for method, ratio, acc in [("full", 0.0, 0.9), ("kvzap_mlp", 0.6, 0.85), ("random", 0.6, 0.2)]:
@@ -85,7 +91,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
 
 
 def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
-    from kvzap_eval.report import targets
+    from kvzap_eval.evaluation.report import targets
 
     def rows(method, ratio, accuracies, tau=None, matched=None):
         setting = {"method": method, "length": 1024, "compression_ratio": ratio, "threshold": tau, "n": 50}
@@ -111,17 +117,17 @@ def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
 
 
 def test_sweep_defaults_to_the_surrogates_recommended_threshold(tiny, tmp_path):
-    from kvzap_eval.methods import default_threshold
+    from kvzap_eval.runtime.methods import default_threshold
 
     config = config_for(tiny, tmp_path / "t.jsonl", thresholds=None)
     assert config.thresholds == [default_threshold(tiny["surrogate"])]
     # the embedded SmolLM2: the shipped MLP surrogate's training report decides (not the generic -4)
     from kvzap_eval.surrogate import shipped_surrogate
-    from kvzap_eval.sweep import recommended_threshold
-    from kvzap_eval.training_report import recommended_threshold as from_report
+    from kvzap_eval.surrogate.report import recommended_threshold
 
     shipped = shipped_surrogate("SmolLM2-135M-Instruct", "mlp")
-    assert recommended_threshold(None, None) == from_report(shipped) != -4.0
+    embedded = config_for(tiny, tmp_path / "e.jsonl", thresholds=None, pretrained=None, model_args={})
+    assert embedded.thresholds == [recommended_threshold(shipped)] != [-4.0]
 
 
 def test_gate_passes_on_baseline_and_fails_on_a_worse_threshold(tiny, tmp_path):
@@ -158,8 +164,9 @@ def test_gate_flags_accuracy_and_latency_regressions():
     assert len(failures) == 2 and "accuracy" in failures[0] and "latency" in failures[1]
 
 
-def test_kvzip_plus_threshold_runs_the_oracle_under_kvzaps_policy(tiny, tmp_path):
-    config = config_for(tiny, tmp_path / "t.jsonl", methods=["kvzap_mlp", "kvzip_plus_threshold"], thresholds=[-2.5])
+def test_kvzip_plus_threshold_runs_the_oracle_under_kvzaps_policy(unloaded, tmp_path):
+    methods = ["kvzap_mlp", "kvzip_plus_threshold"]
+    config = config_for(unloaded, tmp_path / "t.jsonl", methods=methods, thresholds=[-2.5])
     runs = plan(config)
     oracle = [r for r in runs if r.method == "kvzip_plus_threshold"]
     assert [(r.threshold, r.matched_threshold) for r in oracle] == [(-2.5, None)]

@@ -10,7 +10,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")  # the task modules need `datasets`, which lm-eval brings
 
-from kvzap_eval import sample_stats  # noqa: E402
+from kvzap_eval.evaluation import sample_stats  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 LENGTHS = [1024, 2048]

@@ -9,21 +9,17 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from kvzap_eval.errors import ConfigError, KVzapError
-from kvzap_eval.oracle import (
-    OracleScorer,
-    context_scores,
-    oracle_method,
-    repeat_bridge_ids,
-)
-from kvzap_eval.runtime import compress
+from kvzap_eval import MethodConfig, build_method
+from kvzap_eval.errors import ConfigError, KVzapError, TeacherError
+from kvzap_eval.runtime.oracle import context_scores, repeat_bridge_ids
+from kvzap_eval.runtime.scorers import KVzipPlusScorer, LayerCall
+from kvzap_eval.runtime.session import compress
 from kvzap_eval.teacher import (
     SCORE_FLOOR,
     build_repeat_prompt,
     run_teacher,
     teacher_scores,
 )
-from kvzap_eval.train_errors import TeacherError
 
 from .conftest import tiny_model
 
@@ -201,23 +197,31 @@ def test_oracle_scores_each_row_like_the_teacher_on_its_real_tokens(llama):
     torch.testing.assert_close(scores[1][1, :, :10], expected[1].T)
 
 
-def test_oracle_prunes_the_prefill_at_a_fixed_ratio(llama):
+def test_kvzip_plus_keeps_exactly_the_context_tokens_scoring_at_least_tau(llama):
     tokenizer = word_tokenizer()
     ids = torch.randint(5, 128, (1, 40), generator=torch.Generator().manual_seed(2))
-    method = oracle_method(llama, tokenizer, ids, compression_ratio=0.5, scope="head")
+    expected = context_scores(llama, tokenizer, ids)[0][0, 0]  # layer 0, row 0, KV head 0
+    tau = float(expected.median())
+    method = build_method(llama, MethodConfig(method="kvzip_plus", threshold=tau, window=0), tokenizer=tokenizer)
+    method.scorer.prepare(ids, None)
     with compress(llama, method) as session:
         llama(ids)
-        assert session.stats().compression_ratio == pytest.approx(0.5)
     kept = session.cache.layers[0].positions[0, 0]
-    top = method.scorer.scores[0][0, 0].topk(20).indices
-    assert set(kept[kept >= 0].tolist()) == set(top.tolist())
+    assert set(kept[kept >= 0].tolist()) == set((expected >= tau).nonzero().flatten().tolist())
 
 
-def test_oracle_refuses_decoding_and_other_inputs(llama):
-    scorer = OracleScorer([torch.zeros(1, 2, 8)] * 2)
+def test_kvzip_plus_refuses_decoding_and_other_inputs(llama):
+    scorer = KVzipPlusScorer(llama, word_tokenizer())
+
+    def score(token_index):
+        hidden = torch.zeros(1, token_index.shape[1], 64)
+        return scorer.score(LayerCall(0, hidden, token_index, module=None, kwargs={}, layer=None))
+
+    with pytest.raises(RuntimeError, match="prepare"):
+        score(torch.arange(8)[None])
+    scorer.prepare(torch.randint(5, 128, (1, 8)), None)
     with pytest.raises(KVzapError, match="prefill only"):
-        scorer(0, torch.zeros(1, 1, 64), torch.tensor([[8]]))
+        score(torch.tensor([[8]]))
     with pytest.raises(KVzapError, match="same input_ids"):
-        scorer(0, torch.zeros(1, 9, 64), torch.arange(9)[None])
-    with pytest.raises(ConfigError, match="exactly one"):
-        oracle_method(llama, word_tokenizer(), torch.ones(1, 8, dtype=torch.long))
+        score(torch.arange(9)[None])
+    assert score(torch.arange(8)[None]).shape == (1, 2, 8)

@@ -23,10 +23,10 @@ from exporters.trt import (
 from exporters.trt import build as trt_build
 from exporters.trt.__main__ import main as trt_cli
 from exporters.trt.cache import timing_cache_path
-from kvzap_eval.backends import make_backend
-from kvzap_eval.backends.tensorrt_backend import export_dtype_for
 from kvzap_eval.errors import ConfigError, MissingExtraError
-from kvzap_eval.model_info import placement
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import make_backend
+from kvzap_eval.runtime.backends.tensorrt_backend import export_dtype_for
 
 from .conftest import surrogate_for, tiny_model
 
@@ -140,17 +140,10 @@ def stub_trt(monkeypatch):
     return fake, built
 
 
-@pytest.fixture(scope="module")
-def onnx_export(tmp_path_factory):
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    from exporters.onnx import main_export
-
-    from .onnx_helpers import checkpoint
-
-    tmp = tmp_path_factory.mktemp("trt")
-    _, _, path = checkpoint(tmp)
-    return main_export(str(path), tmp / "onnx", validate=False).directory
+@pytest.fixture
+def onnx_export(tiny_export):
+    """The session's fp32 ONNX export (read-only: engines go to each test's own directory)."""
+    return tiny_export[3]["fp32"].directory
 
 
 def test_engines_are_built_once_then_reused(stub_trt, onnx_export, tmp_path):

@@ -21,6 +21,7 @@ from kvzap_eval.errors import ArtifactError
 
 from ..dtypes import EXPORT_DTYPES, ONNX_ELEM_TYPES
 from ..manifest import INPUT_NAME, OUTPUT_NAME
+from .ort import import_onnxruntime
 
 
 class ExportValidationError(ArtifactError):
@@ -120,8 +121,6 @@ def graph_signature_problems(graph, dtype: str, input_dim: int, output_dim: int)
 
 
 def _ort_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    from kvzap_eval.runtime.backends.onnxruntime_backend import import_onnxruntime
-
     ort = import_onnxruntime()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])

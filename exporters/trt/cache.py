@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvzap_eval.atomic import write_bytes_atomic
 from kvzap_eval.errors import ArtifactError
 
 from ..source import file_sha256
@@ -153,9 +152,9 @@ def store_engine(directory: Path, layer: int, key: EngineKey, data: bytes) -> Pa
     the engine path."""
     directory.mkdir(parents=True, exist_ok=True)
     path = engine_path(directory, layer, key)
-    _atomic_write(path, data)
+    write_bytes_atomic(path, data)
     record = {**key.to_json(), "layer": layer, "engine_sha256": hashlib.sha256(data).hexdigest()}
-    _atomic_write(sidecar(path), (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomic(sidecar(path), (json.dumps(record, indent=2) + "\n").encode())
     return path
 
 
@@ -163,15 +162,3 @@ def timing_cache_path(directory: Path, tensorrt_version: str, gpu_name: str) -> 
     """The timing cache shared by every layer built with this TensorRT on this GPU model."""
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu_name}-trt{tensorrt_version}").strip("-")
     return directory / f"timing-{slug}.cache"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -26,30 +26,15 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..llm.embedded import resolve_pretrained
 from ..llm.loading import load_model_config
-from ..runtime.methods import PREFILL_ONLY_METHODS, MethodConfig, build_method, check_setting
+from ..runtime.methods import MethodConfig, build_method
 from ..runtime.session import KVzapSession, compress
-from ..settings import as_whole_number
 from . import sample_stats
-from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
+from .model_args import OWN_ARGS, method_config_from_args
+from .protocol import PreparedBatch, chunk_widths, split_context_question
 from .run_stats import RunStats
 
-#: model_args of our own: every `MethodConfig` setting (checked there, by the same rules as the Python API) and the
-#: evaluation protocol. lm-eval passes -5 as int or float and booleans as bool or str; both are accepted.
-METHOD_ARGS = tuple(f.name for f in fields(MethodConfig))
-OWN_ARGS = (*METHOD_ARGS, "protocol", "prefill_chunk")
 #: from_pretrained keywords accepted besides HFLM's named parameters.
 FROM_PRETRAINED_ARGS = {"attn_implementation", "low_cpu_mem_usage", "device_map"}
-
-
-def _coerce(name: str, value):
-    """The checked value of one of our model_args (also what `kvzap-eval sweep --model-args` goes through)."""
-    if name == "protocol":
-        if value not in PROTOCOLS:
-            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {value!r}")
-        return value
-    if name == "prefill_chunk":
-        return as_whole_number("prefill_chunk", value, 1)
-    return check_setting(name, value)
 
 
 def _check_known(kwargs: dict) -> None:
@@ -60,21 +45,6 @@ def _check_known(kwargs: dict) -> None:
             close = difflib.get_close_matches(name, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown model_arg {name!r} for kvzap_hf{hint}: see README 'model_args'")
-
-
-def method_config_from_args(args: dict) -> tuple[MethodConfig, str, int | None]:
-    """Our model_args -> (method settings, protocol, prefill chunk). `MethodConfig` checks the method settings (which
-    apply to the method, and their values); a prefill_chunk without a protocol means protocol=chunked."""
-    args = dict(args)
-    protocol = _coerce("protocol", args.pop("protocol")) if "protocol" in args else None
-    chunk = _coerce("prefill_chunk", args.pop("prefill_chunk")) if "prefill_chunk" in args else None
-    if protocol == "chunked" and chunk is None:
-        raise ConfigError("protocol=chunked needs prefill_chunk=<tokens>, e.g. prefill_chunk=512")
-    if protocol == "dense" and chunk is not None:
-        raise ConfigError("prefill_chunk does not apply to protocol=dense (one dense prefill): leave one of them out")
-    if protocol is None:
-        protocol = "chunked" if chunk is not None else "paper"
-    return MethodConfig(**args), protocol, chunk
 
 
 class KVzapHFLM(HFLM):
@@ -188,8 +158,7 @@ class KVzapHFLM(HFLM):
             cache = session.new_cache()
             with torch.no_grad():
                 self._prefill(batch, cache, session.cache_kwarg)
-            prefill_only = self.method_config.method in PREFILL_ONLY_METHODS
-            pause = session.pause() if prefill_only and batch.prefill_chunks else nullcontext()
+            pause = session.pause() if self.method.prefill_only and batch.prefill_chunks else nullcontext()
             with pause:
                 out = super()._model_generate(
                     batch.input_ids,
@@ -294,7 +263,7 @@ class KVzapHFLM(HFLM):
             ).logits[:, -1:]
             logits = [first]
             if cont_ids.shape[1] > 0:
-                pause = session.pause() if self.method_config.method in PREFILL_ONLY_METHODS else nullcontext()
+                pause = session.pause() if self.method.prefill_only else nullcontext()
                 with pause:
                     rest = self.model(
                         input_ids=cont_ids,
@@ -320,7 +289,7 @@ class KVzapHFLM(HFLM):
     def _record(self, session: KVzapSession, rows: list[tuple[object, str | None, str | None]]) -> None:
         """Record a batch; rows are (request key, sample uid, task). lm-eval's padding copies are not counted."""
         stats = session.stats()
-        for (_, uid, _), ratio in zip(rows, stats.per_row_compression_ratio()):
+        for (_, uid, _), ratio in zip(rows, stats.per_row_achieved_compression_ratio()):
             if uid is not None:
                 sample_stats.record(uid, ratio)
         keep = []

@@ -24,7 +24,7 @@ class RequestRecord:
     entries: int  # real (layer, head, token) entries seen
 
     @property
-    def compression_ratio(self) -> float:
+    def achieved_compression_ratio(self) -> float:
         return self.evicted / self.entries if self.entries else 0.0
 
 

@@ -26,6 +26,7 @@ from ..cli_args import OneLineParser, check_writable_file, finite_float, positiv
 from ..errors import ConfigError
 from ..runtime.methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
 from ..settings import validate_threshold
+from .model_args import OWN_ARGS, coerce
 from .run_identity import DTYPE, PROTOCOL, SweepIdentity, digest, sweep_identity, task_infos
 from .table import (
     TableError,
@@ -143,7 +144,7 @@ class SweepConfig:
         self._check_counts()
         _check_device(self.device)
         if self.thresholds is None:
-            self.thresholds = [recommended_threshold(self.pretrained, self.model_args.get("surrogate"))]
+            self.thresholds = [_default_threshold(self.pretrained, self.model_args.get("surrogate"))]
         self.thresholds = _unique([validate_threshold(t) for t in self.thresholds])
         if not self.thresholds:
             raise ConfigError("--thresholds is empty: give at least one KVzap tau, e.g. -4")
@@ -180,15 +181,12 @@ def _check_device(text: str) -> None:
         raise ConfigError(f"--device {text}: no CUDA GPU is visible here; use --device cpu")
 
 
-def recommended_threshold(pretrained: str | None, surrogate: str | None) -> float:
+def _default_threshold(pretrained: str | None, surrogate: str | None) -> float:
     """The tau that `kvzap_hf` uses by default for this model: its MLP surrogate's recommended one, else -4."""
-    from types import SimpleNamespace
-
     from ..llm.embedded import resolve_pretrained
-    from ..surrogate import resolve_surrogate_source
+    from ..surrogate import surrogate_source_for
 
-    model_config = SimpleNamespace(name_or_path=resolve_pretrained(pretrained))
-    return default_threshold(resolve_surrogate_source(model_config, surrogate, "mlp"))
+    return default_threshold(surrogate_source_for(resolve_pretrained(pretrained), surrogate, "mlp"))
 
 
 def plan(config: SweepConfig) -> list[Run]:
@@ -470,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_model_args(text: str) -> dict:
     """`name=value,...` method settings, coerced like kvzap_hf's model_args; each name once, each value given."""
-    from .lm_eval_model import OWN_ARGS, _coerce
-
     allowed = sorted(set(OWN_ARGS) - {"method", "threshold", "compression_ratio", "protocol", "prefill_chunk"})
     settings = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -482,7 +478,7 @@ def parse_model_args(text: str) -> dict:
             raise ConfigError(f"--model-args gives {name} twice: give it once")
         if not value.strip():
             raise ConfigError(f"--model-args {item!r} has no value: give {name}=<value> or leave {name} out")
-        settings[name] = _coerce(name, value)
+        settings[name] = coerce(name, value)
     return settings
 
 
@@ -501,3 +497,13 @@ def merge_main(argv: list[str] | None = None) -> int:
     total, added = merge_tables(args.output, args.tables, allow_mixed=args.allow_mixed)
     print(f"{total} rows in {args.output} ({added} added)")
     return 0
+
+
+def __getattr__(name: str):
+    # sweep.recommended_threshold(pretrained, surrogate) shared its name with surrogate.report's: now private.
+    if name == "recommended_threshold":
+        from ..moved import warn_moved
+
+        warn_moved(f"{__name__}.recommended_threshold", "kvzap_eval.runtime.methods.default_threshold", depth=1)
+        return _default_threshold
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
+from ..atomic import staged_directory
 from ..errors import EmbeddedModelError, ModelNotFoundError
+from . import hub_cache
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_NAME = EMBEDDED_MODEL_ID.rsplit("/", 1)[1]
@@ -52,15 +51,13 @@ def _gguf_chat_template(gguf_path: Path) -> str | None:
 
 
 def _convert(gguf_path: Path, target: Path) -> None:
-    """Dequantise the GGUF into `target` (safetensors + tokenizer) via a temporary sibling and an atomic rename."""
+    """Dequantise the GGUF into `target` (safetensors + tokenizer), staged in a temporary sibling."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     print(f"converting embedded SmolLM2 GGUF to safetensors in {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_directory(target, complete=_MARKER) as tmp:
         src, name = str(gguf_path.parent), gguf_path.name
         # from_pretrained(gguf_file=...) would need `accelerate` and would save a GGUF quantization_config;
         # building the model and loading the dequantised tensors (the same transformers code) needs neither.
@@ -79,14 +76,6 @@ def _convert(gguf_path: Path, target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(f"{gguf_path}\n")
-        tmp.chmod(0o755)  # mkdtemp made it private
-        try:
-            os.rename(tmp, target)  # atomic; fails if another process finished first, which is fine
-        except OSError:
-            if not (target / _MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_model_dir() -> Path:
@@ -144,29 +133,26 @@ def _check_hub_id_available(repo_id: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
-    from ..surrogate.hub import _hub_cache_dir, _offline
-
     try:
-        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache_dir())
+        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache.hub_cache_dir())
     except HFValidationError:
         raise ModelNotFoundError(
             f"model {repo_id!r} is neither an existing directory nor a valid hub id: give a directory or owner/name"
         ) from None
-    if _offline() and not isinstance(cached, str):
+    if hub_cache.offline() and not isinstance(cached, str):
         raise ModelNotFoundError(
             f"model {repo_id!r} is not a directory and not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
             f"give a directory, a cached hub id, or unset HF_HUB_OFFLINE to download it"
         )
 
 
-def load_embedded(dtype: Any = None) -> tuple[Any, Any]:
-    """Load the embedded model (default fp32) and its tokenizer from the converted cache directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def __getattr__(name: str):
+    # load_embedded(dtype) was a second loader: kvzap_eval.llm.loading.load_causal_lm(None, dtype) does it.
+    if name == "load_embedded":
+        import importlib
 
-    path = embedded_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise EmbeddedModelError(f"{path} has no chat template: delete it so that it is converted again")
-    return model.eval(), tokenizer
+        from ..moved import warn_moved
+
+        warn_moved(f"{__name__}.load_embedded", "kvzap_eval.llm.loading.load_causal_lm (pretrained=None)", depth=1)
+        return importlib.import_module(f"{__package__}.loading").load_embedded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

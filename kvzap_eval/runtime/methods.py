@@ -205,6 +205,12 @@ class Method:
     policy: Policy | None
     built_for: ModelShape | None = None
 
+    @property
+    def prefill_only(self) -> bool:
+        """True when the method prunes the prefill only (`PREFILL_ONLY_METHODS`): a question after the context and
+        the decoding steps run against the pruned cache without pruning it further."""
+        return self.config.method in PREFILL_ONLY_METHODS
+
 
 #: Methods whose scorer is bound to each layer's device and dtype when built (a surrogate backend).
 PLACED_METHODS = ("kvzap", "kvzap_adakv")

@@ -1,7 +1,9 @@
 """Scorers: the importance of each new token per KV head, (B, H_kv, T), higher = keep.
 
-A scorer sees what a decoder layer hands to attention (the post-norm hidden states) and the tokens' logical
-positions. KVzap runs its surrogate through a scorer backend; the baselines need no model at all.
+A scorer has one entry point, `score(call)`: `call` holds what a decoder layer hands to attention (the post-norm
+hidden states), each new token's index among its row's real tokens (`token_index`; the cache's `positions` are the
+slots' logical positions, another thing), the attention module and the layer's cache. KVzap runs its surrogate
+through a scorer backend; the baselines need no model at all.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import KVzapError
+from ..moved import warn_moved
 from .backends import ScorerBackend
 from .cache import CompactLayer
+from .oracle import context_scores
 
 
 @dataclass
@@ -29,20 +34,21 @@ class LayerCall:
 
 
 class Scorer:
-    """Scores of the new tokens, (B, H_kv, q), higher = keep.
-
-    Most scorers need only (layer index, hidden states, token index) and implement `__call__`; scorers that need
-    the attention module or the cache (SnapKV) override `score`.
-    """
+    """Scores of the new tokens, (B, H_kv, q), higher = keep: `score(call)`."""
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Called with each batch of prompts' tokens about to be prefilled and pruned (oracles score them here)."""
 
     def score(self, call: LayerCall) -> torch.Tensor:
-        return self(call.layer_idx, call.hidden_states, call.token_index)
-
-    def __call__(self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(type(self).__name__)
+
+    def __call__(self, layer_idx: int, hidden_states: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """Deprecated: `score(LayerCall(...))` (the only entry point; this one cannot serve scorers that need the
+        attention module or the cache)."""
+        warn_moved(
+            f"{type(self).__name__}(layer_idx, hidden_states, positions)", f"{type(self).__name__}.score(call)", depth=1
+        )
+        return self.score(LayerCall(layer_idx, hidden_states, token_index, module=None, kwargs={}, layer=None))
 
 
 @dataclass
@@ -51,8 +57,8 @@ class KVzapScorer(Scorer):
 
     backend: ScorerBackend
 
-    def __call__(self, layer_idx, hidden_states, positions):
-        return self.backend(layer_idx, hidden_states)
+    def score(self, call: LayerCall) -> torch.Tensor:
+        return self.backend(call.layer_idx, call.hidden_states)
 
 
 @dataclass
@@ -63,11 +69,11 @@ class RandomScorer(Scorer):
     seed: int = 0
     _generators: dict = field(default_factory=dict, init=False, repr=False)
 
-    def __call__(self, layer_idx, hidden_states, positions):
-        device = hidden_states.device
+    def score(self, call: LayerCall) -> torch.Tensor:
+        device = call.hidden_states.device
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        b, t = positions.shape
+        b, t = call.token_index.shape
         return torch.rand(b, self.num_kv_heads, t, generator=self._generators[device], device=device)
 
 
@@ -78,10 +84,11 @@ class StreamingScorer(Scorer):
     num_kv_heads: int
     n_sink: int = 4
 
-    def __call__(self, layer_idx, hidden_states, positions):
-        scores = positions.to(torch.float32)
-        scores = scores.masked_fill((positions >= 0) & (positions < self.n_sink), float("inf"))
-        b, t = positions.shape
+    def score(self, call: LayerCall) -> torch.Tensor:
+        token_index = call.token_index
+        scores = token_index.to(torch.float32)
+        scores = scores.masked_fill((token_index >= 0) & (token_index < self.n_sink), float("inf"))
+        b, t = token_index.shape
         return scores[:, None, :].expand(b, self.num_kv_heads, t)
 
 
@@ -125,20 +132,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVzipPlusScorer(Scorer):
-    """The KVzip+ oracle: the teacher's scores of the actual context (one repeat pass in `prepare`), prefill only."""
+    """The KVzip+ oracle: the teacher's scores of the actual context (one repeat pass in `prepare`, see `oracle.py`),
+    looked up by each token's index among its row's real tokens. Prefill only."""
 
     model: torch.nn.Module
     tokenizer: object
     plus: bool = True
-    _scores: list | None = field(default=None, init=False, repr=False)
+    _scores: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def prepare(self, input_ids, attention_mask):
-        from .oracle import OracleScorer, context_scores
+        self._scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
 
-        scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
-        self._scores = OracleScorer(scores)
-
-    def __call__(self, layer_idx, hidden_states, positions):
+    def score(self, call: LayerCall) -> torch.Tensor:
+        token_index = call.token_index
         if self._scores is None:
             raise RuntimeError("KVzipPlusScorer.prepare(input_ids, attention_mask) must run before the prefill")
-        return self._scores(layer_idx, hidden_states, positions)
+        if token_index.shape[1] == 1:
+            raise KVzapError("the KVzip+ oracle scores the prefill only: use it with decoding=False")
+        table = self._scores[call.layer_idx].to(call.hidden_states.device)
+        if token_index.shape[0] != table.shape[0] or int(token_index.max()) >= table.shape[-1]:
+            raise KVzapError("the model got other tokens than the oracle scored: pass the same input_ids to both")
+        index = token_index.clamp_min(0)[:, None, :].expand(-1, table.shape[1], -1)
+        return table.gather(2, index)

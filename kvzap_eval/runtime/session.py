@@ -2,7 +2,7 @@
 
     with compress(model, method) as session:
         model.generate(**inputs)
-        print(session.stats().compression_ratio)
+        print(session.stats().achieved_compression_ratio)
 
 Data path per decoder layer: the post-norm hidden state -> scorer (backend) -> policy -> compact cache, and
 attention reads only the kept entries. Hooks are the only attachment: a forward pre-hook on the model hands the
@@ -127,7 +127,7 @@ class KVzapSession:
         call = LayerCall(layer_idx, hidden_states, layer.new_token_index, module, kwargs, layer)
         scores = self.method.scorer.score(call)
         self.timer.add("prefill" if q > 1 else "decode", layer_idx, time.perf_counter() - start)
-        drop = policy.select(layer, scores)
+        drop = policy.decide(layer, scores)
         if drop is not None:
             layer.evict(drop, compact=q > 1)
         return output

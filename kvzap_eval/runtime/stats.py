@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..moved import warn_moved
+
 
 @dataclass
 class LayerStats:
@@ -19,10 +21,16 @@ class LayerStats:
     full_kv_nbytes: int  # keys + values of an uncompressed cache of the same logical length
 
     @property
-    def compression_ratio(self) -> float:
+    def achieved_compression_ratio(self) -> float:
         """Evicted real entries / real entries seen (padding never counts)."""
         total = int((self.kept + self.evicted).sum())
         return int(self.evicted.sum()) / total if total else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Deprecated name of `achieved_compression_ratio` (`compression_ratio` is `MethodConfig`'s setting)."""
+        warn_moved("LayerStats.compression_ratio", "LayerStats.achieved_compression_ratio", depth=1)
+        return self.achieved_compression_ratio
 
 
 @dataclass
@@ -32,8 +40,16 @@ class CompressionStats:
     layers: list[LayerStats]
 
     @property
+    def achieved_compression_ratio(self) -> float:
+        """The mean over layers of evicted / seen real entries (the setting of the same idea is
+        `MethodConfig.compression_ratio`)."""
+        return sum(s.achieved_compression_ratio for s in self.layers) / len(self.layers) if self.layers else 0.0
+
+    @property
     def compression_ratio(self) -> float:
-        return sum(s.compression_ratio for s in self.layers) / len(self.layers) if self.layers else 0.0
+        """Deprecated name of `achieved_compression_ratio` (`compression_ratio` is `MethodConfig`'s setting)."""
+        warn_moved("CompressionStats.compression_ratio", "CompressionStats.achieved_compression_ratio", depth=1)
+        return self.achieved_compression_ratio
 
     @property
     def nbytes(self) -> int:
@@ -48,8 +64,8 @@ class CompressionStats:
         """Bytes held / bytes a full cache would hold."""
         return self.nbytes / self.full_kv_nbytes if self.full_kv_nbytes else 1.0
 
-    def per_row_compression_ratio(self) -> list[float]:
-        """Compression ratio of each batch row (mean over layers), e.g. one per evaluated sample."""
+    def per_row_achieved_compression_ratio(self) -> list[float]:
+        """Achieved compression ratio of each batch row (mean over layers), e.g. one per evaluated sample."""
         if not self.layers:
             return []
         ratios = []
@@ -88,11 +104,18 @@ class CompressionStats:
     def summary(self) -> dict:
         """JSON-ready summary (what reports and lm-eval's results["config"] record)."""
         return {
-            "compression_ratio": self.compression_ratio,
+            "achieved_compression_ratio": self.achieved_compression_ratio,
             "kv_bytes": self.nbytes,
             "full_kv_bytes": self.full_kv_nbytes,
             "bytes_fraction": self.bytes_fraction,
-            "per_layer_compression_ratio": [s.compression_ratio for s in self.layers],
+            "per_layer_achieved_compression_ratio": [s.achieved_compression_ratio for s in self.layers],
             "logical_length": self.layers[0].logical_length if self.layers else 0,
             "physical_length": [s.physical_length for s in self.layers],
         }
+
+    def per_row_compression_ratio(self) -> list[float]:
+        """Deprecated name of `per_row_achieved_compression_ratio`."""
+        warn_moved(
+            "CompressionStats.per_row_compression_ratio", "CompressionStats.per_row_achieved_compression_ratio", depth=1
+        )
+        return self.per_row_achieved_compression_ratio()

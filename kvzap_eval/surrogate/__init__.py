@@ -10,6 +10,7 @@ from .hub import (
     download_snapshot,
     resolve_surrogate_source,
     shipped_surrogate,
+    surrogate_source_for,
 )
 from .model import (
     SURROGATE_TYPES,
@@ -39,4 +40,5 @@ __all__ = [
     "save_surrogate",
     "shipped_surrogate",
     "surrogate_config_for",
+    "surrogate_source_for",
 ]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_file, write_text_atomic
 from ..errors import CheckpointError
 from .hub import CONFIG_NAME, _looks_like_path, download_snapshot
 from .model import KVzapSurrogate, SurrogateConfig, _as_dtype, expected_tensor_shapes
@@ -45,24 +45,9 @@ def save_surrogate(
     directory.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(model.config.to_json_dict(out_dtype), indent=2) + "\n"
 
-    temps: list[str] = []
-    try:
-        fd, tmp_weights = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        temps.append(tmp_weights)
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        fd, tmp_config = tempfile.mkstemp(dir=directory, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
-        temps.append(tmp_config)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(config_text)
-        for tmp in temps:
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
-        os.replace(tmp_weights, directory / WEIGHTS_NAME)
-        os.replace(tmp_config, directory / CONFIG_NAME)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(directory / CONFIG_NAME, config_text)
     return directory
 
 

@@ -8,35 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..llm import hub_cache
 from .model import _check_model_type, _model_name
 
 CONFIG_NAME = "config.json"
 
 #: Surrogates shipped inside the package, keyed by hub-style name `KVzap-{type}-{basename}`.
 SURROGATES_DIR = Path(__file__).resolve().parent.parent / "surrogates"
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _offline() -> bool:
-    """Offline mode, read from the environment now (huggingface_hub reads it once, at import)."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache_dir() -> str | None:
-    """The hub cache folder, read from the environment now; None lets huggingface_hub use its default."""
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(name):
-            return os.path.expanduser(os.environ[name])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -56,14 +34,14 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    offline = _offline()
+    offline = hub_cache.offline()
     rev = f" --revision {revision}" if revision else ""
     fix = f"download it once with network access (hf download {repo_id}{rev}) or pass a local directory"
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id,
             revision=revision,
-            cache_dir=_hub_cache_dir(),
+            cache_dir=hub_cache.hub_cache_dir(),
             allow_patterns=[CONFIG_NAME, "*.safetensors"],
             local_files_only=offline,
         )
@@ -124,16 +102,22 @@ def shipped_surrogate(basename: str, model_type: str = "mlp") -> Path | None:
 def resolve_surrogate_source(
     model_config: Any, surrogate: str | os.PathLike | None, model_type: str = "mlp"
 ) -> str | os.PathLike:
+    """Where to load the surrogate from, for a model given by its transformers config (see `surrogate_source_for`)."""
+    return surrogate_source_for(_model_name(model_config), surrogate, model_type)
+
+
+def surrogate_source_for(
+    model_name: str | None, surrogate: str | os.PathLike | None, model_type: str = "mlp"
+) -> str | os.PathLike:
     """Where to load the surrogate from: the explicit `surrogate` if given, else a shipped directory for the
-    model's basename, else the kvpress hub id derived from `model_config.name_or_path`."""
+    model's basename, else the kvpress hub id derived from the model's name (hub id or directory)."""
     _check_model_type(model_type)
     if surrogate is not None:
         return surrogate
-    name = _model_name(model_config)
-    if not name:
+    if not model_name:
         raise ConfigError(
             "the model config has no name_or_path to derive the surrogate from: pass the surrogate explicitly"
         )
-    hub_id = default_surrogate_id(name, model_type)
-    shipped = shipped_surrogate(_basename(name), model_type)
+    hub_id = default_surrogate_id(model_name, model_type)
+    shipped = shipped_surrogate(_basename(model_name), model_type)
     return shipped if shipped is not None else hub_id

@@ -14,41 +14,31 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_file, finite_float, positive_int
 from ..errors import ConfigError
 from ..runtime.backends import TorchBackend
 from ..surrogate import KVzapSurrogate, SurrogateConfig
+from .latency import kvpress_style, time_interleaved
 
 SCORER_SHAPES = {"SmolLM2-135M (D=576)": (576, 3), "Qwen3-8B (D=4096)": (4096, 8)}
 
 
 def bench_scorer(threads: int, min_run_time: float = 1.0) -> list[dict]:
-    """Median seconds per decode call, ours vs kvpress-style, for each shape (same weights, same thread count)."""
+    """Seconds per decode call, ours vs kvpress-style, for each shape (same weights, same thread count), timed
+    side by side by `latency.time_interleaved` (best of 3 interleaved rounds' medians)."""
     torch.set_num_threads(threads)
     rows = []
     for label, (dim, heads) in SCORER_SHAPES.items():
         surrogate = KVzapSurrogate(SurrogateConfig(input_dim=dim, output_dim=heads, n_modules=1, hidden_dim=dim // 8))
         surrogate.eval().requires_grad_(False)
         backend = TorchBackend(surrogate, [(torch.device("cpu"), torch.float32)])
-        module = surrogate.layers[0]
+        reference = kvpress_style(surrogate)
         hidden = torch.randn(1, 1, dim)
-
-        def kvpress_style(module=module, hidden=hidden):
-            return module.to(hidden.device, hidden.dtype)(hidden).transpose(1, 2)
-
-        timers = {
-            "kvpress_style": Timer("f()", globals={"f": kvpress_style}, num_threads=threads),
-            "ours": Timer("b(0, h)", globals={"b": backend, "h": hidden}, num_threads=threads),
-        }
-        with torch.no_grad():
-            medians = {name: [] for name in timers}
-            for _ in range(3):  # interleave to share any drift of the machine
-                for name, timer in timers.items():
-                    medians[name].append(timer.blocked_autorange(min_run_time=min_run_time / 3).median)
-        us = {name: 1e6 * statistics.median(values) for name, values in medians.items()}
+        calls = {"kvpress_style": lambda f=reference, h=hidden: f(0, h), "ours": lambda b=backend, h=hidden: b(0, h)}
+        seconds = time_interleaved(calls, threads, min_run_time, rounds=3, device=torch.device("cpu"))
+        us = {name: 1e6 * value for name, value in seconds.items()}
         rows.append(
             {
                 "shape": label,
@@ -95,10 +85,10 @@ def bench_generate(context_tokens: int, new_tokens: int, repeats: int, threshold
         "full_s": full_s,
         "kvzap_s": kvzap_s,
         "time_ratio": kvzap_s / full_s,
-        "prefill_compression_ratio": prefill.compression_ratio,
+        "prefill_compression_ratio": prefill.achieved_compression_ratio,
         "prefill_kv_bytes_fraction": kv_bytes / prefill.full_kv_nbytes,
         "prefill_all_bytes_fraction": prefill.bytes_fraction,
-        "target_bytes_fraction": 1 - prefill.compression_ratio + 0.05,
+        "target_bytes_fraction": 1 - prefill.achieved_compression_ratio + 0.05,
     }
 
 

@@ -202,9 +202,9 @@ def decoder_layer_times(threads: int, prefill: Sequence[int], min_run_time: floa
     decode step at a `context`-token cache."""
     from transformers import DynamicCache
 
-    from ..llm.embedded import load_embedded
+    from ..llm.loading import load_causal_lm
 
-    model, _ = load_embedded()
+    model, _ = load_causal_lm()
     torch.set_num_threads(threads)
     layer, rotary = model.model.layers[0], model.model.rotary_emb
     results = []

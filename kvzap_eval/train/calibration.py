@@ -3,9 +3,9 @@
 Each held-out text is prefilled once as a user turn (the model's chat template, or the plain text), the surrogate
 scores every token from its post-norm hidden state, and the DMS prefill rule is applied for every tau at once:
 tokens outside the last `window` ones are evicted where score < tau (strictly), per layer and KV head. The ratio
-of a prompt is the mean over layers of evicted / (H_kv * tokens) — what `session.stats().compression_ratio` reports
-after a prefill with `ThresholdPolicy(tau, window)` — and the table gives its mean over the prompts. The recommended
-tau is the point of a fine grid whose mean ratio is closest to `target_ratio` (2/3, i.e. 3x compression).
+of a prompt is the mean over layers of evicted / (H_kv * tokens) — what `session.stats().achieved_compression_ratio`
+reports after a prefill with `ThresholdPolicy(tau, window)` — and the table gives its mean over the prompts. The
+recommended tau is the point of a fine grid whose mean ratio is closest to `target_ratio` (2/3, i.e. 3x compression).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import write_json_atomic
+from ..errors import OutputDirError, TeacherError
 from ..llm.model_info import num_kv_heads
 from ..teacher import ATTENTION_MODES, build_repeat_prompt, run_teacher
-from ..train_errors import OutputDirError, TeacherError
 from .corpus import Corpus
 
 MANIFEST = "manifest.json"
@@ -65,18 +65,6 @@ class CollectConfig:
 
 def x_path(directory: Path, layer: int) -> Path:
     return directory / f"X_{layer:03d}.npy"
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class _RowFile:
@@ -208,7 +196,7 @@ def collect(
     y_file = _RowFile(directory / "y.npy", n_rows, (n_layers, settings["num_kv_heads"]), "float32", create)
     pos_file = _RowFile(directory / "positions.npy", len(corpus.prompts), (k,), "int64", create)
     if create:
-        _write_json_atomic(directory / MANIFEST, {**settings, "done": [], **totals})
+        write_json_atomic(directory / MANIFEST, {**settings, "done": [], **totals}, indent=1)
     todo = [p for p in corpus.prompts if p.index not in set(done)]
     start = time.perf_counter()
     try:
@@ -219,7 +207,7 @@ def collect(
             done.append(prompt.index)
             totals["collect_seconds"] = round(totals.get("collect_seconds", 0.0) + time.perf_counter() - t0, 2)
             totals["peak_rss_mb"] = max(totals.get("peak_rss_mb", 0.0), peak_rss_mb())
-            _write_json_atomic(directory / MANIFEST, {**settings, "done": sorted(done), **totals})
+            write_json_atomic(directory / MANIFEST, {**settings, "done": sorted(done), **totals}, indent=1)
             if on_prompt is not None:
                 on_prompt(prompt.index)
             bar.set_postfix_str(f"{time.perf_counter() - t0:.1f} s/prompt", refresh=False)

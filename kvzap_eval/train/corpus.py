@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..train_errors import CorpusError
+from ..errors import CorpusError
 
 BUILTIN_SOURCES = ("python-topics", "licenses", "python-source")
 LICENSES_DIR = Path("/usr/share/common-licenses")

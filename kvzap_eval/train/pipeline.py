@@ -26,17 +26,17 @@ import numpy as np
 import torch
 
 from ..cli_args import OneLineParser, check_writable_dir, non_negative_int, open_fraction, positive_float, positive_int
-from ..errors import ConfigError, KVzapError
+from ..errors import ConfigError, CorpusError, KVzapError, OutputDirError
+from ..llm.loading import DTYPES, as_torch_dtype, load_causal_lm
+from ..moved import warn_moved
 from ..surrogate import KVzapSurrogate, save_surrogate, surrogate_config_for
 from ..surrogate.report import probe_scores, write_report
-from ..train_errors import CorpusError, OutputDirError
 from .calibration import Calibration, CalibrationConfig, calibrate
 from .collect import CollectConfig, CollectedData, collect, peak_rss_mb
 from .corpus import BUILTIN_SOURCES, Corpus, CorpusConfig, build_corpus
 from .fit import MLPConfig, RidgeAccumulator, squared_pearson, train_mlp
 
 TYPES = ("linear", "mlp")
-DTYPES = ("float32", "bfloat16", "float16")
 DATA_DIR = "data"
 
 
@@ -65,8 +65,7 @@ class TrainConfig:
             raise ConfigError(f"surrogate type(s) {bad or self.types} unknown: use linear, mlp or both")
         if self.resume and self.force:
             raise ConfigError("--resume and --force exclude each other: pick one")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        as_torch_dtype(self.dtype)
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
             raise ConfigError(f"ridge alpha must be a finite number above 0, got {self.ridge_alpha}")
 
@@ -101,12 +100,9 @@ def prepare_output(out: Path, resume: bool, force: bool) -> None:
 
 
 def load_model(name: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
-    """A causal LM (eval mode) and its fast tokenizer from a hub id, a directory, or the embedded model."""
-    from ..llm.loading import load_causal_lm
-
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return load_causal_lm(name, dtype=getattr(torch, dtype))
+    """Deprecated: `kvzap_eval.llm.loading.load_causal_lm(name, dtype)`."""
+    warn_moved("kvzap_eval.train.pipeline.load_model", "kvzap_eval.llm.loading.load_causal_lm", depth=1)
+    return load_causal_lm(name, dtype)
 
 
 def check_inputs(config: TrainConfig, out: Path) -> None:
@@ -226,7 +222,7 @@ def train_surrogates(config: TrainConfig) -> TrainResult:
     out = Path(config.out).expanduser()
     check_inputs(config, out)
     prepare_output(out, config.resume, config.force)
-    model, tokenizer = load_model(config.model, config.dtype)
+    model, tokenizer = load_causal_lm(config.model, config.dtype)
     basename = str(getattr(model.config, "name_or_path", "") or config.model).rstrip("/").split("/")[-1]
     corpus = build_corpus(tokenizer, config.corpus)
 
@@ -356,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window", type=non_negative_int, default=CalibrationConfig().window, help="DMS window for calibration"
     )
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype to run the LLM in (default float32)")
+    p.add_argument(
+        "--dtype", default="float32", choices=tuple(DTYPES), help="dtype to run the LLM in (default float32)"
+    )
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--delete-data", action="store_true", help="remove DIR/data after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_eval.backends import make_backend
-from kvzap_eval.latency import kvpress_style
+from kvzap_eval.runtime.backends import make_backend
 from kvzap_eval.surrogate import KVzapSurrogate, SurrogateConfig
+from kvzap_eval.tools.latency import kvpress_style
 
 pytest.importorskip("pytest_benchmark")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvzap_eval import build_method, compress
-from kvzap_eval.backends import make_backend
-from kvzap_eval.model_info import placement
+from kvzap_eval.llm.model_info import placement
+from kvzap_eval.runtime.backends import make_backend
 
 from ..conftest import left_padded, surrogate_for, tiny_model
 

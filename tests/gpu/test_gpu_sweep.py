@@ -22,7 +22,7 @@ pytestmark = [
 
 def test_every_sweep_method_runs_on_cuda_as_on_cpu(tiny, tmp_path):
     pytest.importorskip("lm_eval")
-    from kvzap_eval.sweep import SWEEP_METHODS, run_sweep
+    from kvzap_eval.evaluation.sweep import SWEEP_METHODS, run_sweep
 
     from ..lmeval_helpers import sweep_config
 

@@ -4,13 +4,12 @@ surrogate is exported on first use (keyed by its weights fingerprint and the exp
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ...atomic import staged_directory
 from ...errors import ArtifactError
 from ...surrogate import KVzapSurrogate
 
@@ -73,8 +72,7 @@ def _export_once(surrogate: KVzapSurrogate, directory: Path, dtype: str) -> None
     from exporters.output import writable_directory
 
     writable_directory(directory.parent, "the kvzap-eval cache", fix="set KVZAP_EVAL_CACHE to a writable directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory, complete="manifest.json") as tmp:
         try:
             main_export(surrogate, tmp, dtype=dtype, hidden_states_model=None)
         except ExportValidationError as exc:  # its files are in `tmp`, which goes: say so, and how to keep one
@@ -83,11 +81,3 @@ def _export_once(surrogate: KVzapSurrogate, directory: Path, dtype: str) -> None
                 f"export it with `python -m exporters.onnx <surrogate> --dtype {dtype} --allow-mismatch --out DIR` "
                 "and pass it as backend_dir=DIR"
             ) from None
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not (directory / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

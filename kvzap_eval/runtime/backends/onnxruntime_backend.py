@@ -10,47 +10,17 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 
 import torch
 
-from ...errors import ArtifactError, ConfigError, MissingExtraError, require
+from exporters.dtypes import EXPORT_DTYPES, ONNX_ELEM_TYPES, dtype_name
+from exporters.onnx.ort import ORT_DISTRIBUTIONS, import_onnxruntime, installed_onnxruntime  # noqa: F401 (old home)
+
+from ...errors import ArtifactError, ConfigError, MissingExtraError
 from ...surrogate import KVzapSurrogate
 from .artifacts import checked_export
 from .base import ScorerBackend
 from .torch_backend import Placement
-
-#: Distributions that all install the Python package `onnxruntime`; two at once overwrite each other's files.
-ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
-                     "onnxruntime-qnn", "onnxruntime-training")  # fmt: skip
-#: ONNX element types (TensorProto) of the torch dtypes a session can be bound to.
-_ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
-#: Export dtype -> dtype of the session's input and output (int8 is weight-only: fp32 in and out).
-_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
-
-
-def installed_onnxruntime() -> dict[str, str]:
-    """{distribution: version} of every installed onnxruntime flavour."""
-    found = {}
-    for name in ORT_DISTRIBUTIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def import_onnxruntime():
-    """Import `onnxruntime`, refusing an environment with two flavours (`ConfigError`) or none (`MissingExtraError`)."""
-    flavours = installed_onnxruntime()
-    if len(flavours) > 1:
-        listed = ", ".join(f"{name} {version}" for name, version in flavours.items())
-        raise ConfigError(
-            f"{listed} are all installed: they share one `onnxruntime` folder and overwrite each other's files, "
-            f"so the result is neither: pip uninstall -y {' '.join(flavours)}, then pip install "
-            "'kvzap-eval[onnx]' (CPU) or 'kvzap-eval[onnx-gpu]' (CUDA)"
-        )
-    return require("onnxruntime", "onnx")
 
 
 @dataclass(frozen=True)
@@ -106,7 +76,7 @@ class _LayerSession:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own classes (Fail, InvalidProtobuf...) derive from it
             raise ArtifactError(f"onnxruntime cannot load {path!r} ({exc}): re-export it") from None
         binding = session.io_binding()
-        self.dtype, self.heads, element_type = dtype, heads, _ELEMENT_TYPES[dtype]
+        self.dtype, self.heads, element_type = dtype, heads, ONNX_ELEM_TYPES[dtype_name(dtype)]
         try:
             c_session, c_binding = session._sess, binding._iobinding
             c_device = ort.OrtDevice.make(device_type, device_id)._get_c_device()
@@ -164,7 +134,7 @@ class OnnxRuntimeBackend(ScorerBackend):
         dtype = settings.dtype or export_dtype_for(placement)
         export = checked_export(surrogate, len(placement), artifacts, dtype)
         self.directory, self.manifest = export.directory, export.manifest
-        self.dtype = _EXPORT_DTYPES[self.manifest.dtype]
+        self.dtype = EXPORT_DTYPES[self.manifest.dtype]  # int8 is weight-only: fp32 in and out
         if self.dtype == torch.bfloat16 and any(device.type == "cpu" for device, _ in placement):
             raise ConfigError(
                 f"the export in {str(self.directory)!r} is bf16, which onnxruntime cannot run on CPU: export fp32 or "

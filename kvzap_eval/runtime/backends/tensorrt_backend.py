@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from exporters.dtypes import EXPORT_DTYPES
+
 from ...errors import ArtifactError, ConfigError
 from ...surrogate import KVzapSurrogate
 from .artifacts import checked_export
 from .base import ScorerBackend
 from .torch_backend import Placement
-
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_dtype_for(placement: Placement) -> str:
@@ -77,7 +77,7 @@ class TensorRTBackend(ScorerBackend):
         self.build_config = build_config or build.BuildConfig(device=placement[0][0].index or 0)
         self.profiles = self.build_config.profiles
         engines = build.ensure_engines(onnx_dir, None, self.build_config)  # refuses int8 weight-only exports
-        self.dtype = _TORCH_DTYPES[manifest.dtype]
+        self.dtype = EXPORT_DTYPES[manifest.dtype]
         self.heads = manifest.surrogate.output_dim
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.layers = []

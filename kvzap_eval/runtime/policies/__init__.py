@@ -13,6 +13,6 @@ def __getattr__(name: str):
         from ... import settings
         from ...moved import warn_moved
 
-        warn_moved(f"{__name__}.{name}", f"kvzap_eval.settings.{name}")
+        warn_moved(f"{__name__}.{name}", f"kvzap_eval.settings.{name}", depth=1)
         return getattr(settings, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ class FixedRatioPolicy(Policy):
     def acts_on(self, q: int) -> bool:
         return q > 1
 
-    def select(self, layer: CompactLayer, scores: torch.Tensor) -> torch.Tensor | None:
+    def decide(self, layer: CompactLayer, scores: torch.Tensor) -> torch.Tensor | None:
         if self.ratio == 0.0:
             return None
         real = layer.new_token_index >= 0  # (B, q)

@@ -32,7 +32,7 @@ class ThresholdPolicy(Policy):
     def acts_on(self, q: int) -> bool:
         return q > 1 or self.decoding
 
-    def select(self, layer: CompactLayer, scores: torch.Tensor) -> torch.Tensor | None:
+    def decide(self, layer: CompactLayer, scores: torch.Tensor) -> torch.Tensor | None:
         layer.set_pending_scores(scores)
         cutoff = layer.cumulative_length - self.window
         if cutoff <= layer.decided_upto:

@@ -6,7 +6,7 @@ import random
 
 import datasets
 
-from kvzap_eval.sample_stats import lookup
+from kvzap_eval.evaluation.sample_stats import lookup
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
