@@ -2,7 +2,9 @@
 
 Imported at interpreter startup by `kvzap_eval_lmeval.pth`; in any other program it only inspects `sys.argv`.
 lm-eval's built-in models are imported first, so they stay registered (registering into an empty registry would
-hide them), and registration is idempotent.
+hide them), and registration is idempotent. In lm_eval it also runs the preflight of the command line
+(`lm_eval_preflight.py`: kvzap_hf's default model made explicit, so that lm-eval's own tasks see it) and has the
+KVzap summary printed under lm-eval's table (`lm_eval_summary.py`). Nothing in lm-eval is replaced.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ def register() -> None:
     model_registry.register(MODEL_NAME, target=TARGET)
 
 
+def prepare_lm_eval() -> None:
+    """Everything the stock lm_eval command needs from us, before it reads its command line."""
+    from .lm_eval_preflight import prepare
+    from .lm_eval_summary import print_at_exit
+
+    register()
+    sys.argv[1:] = prepare(sys.argv[1:])
+    print_at_exit()
+
+
 if running_lm_eval():
     try:
-        register()
+        prepare_lm_eval()
     except Exception as exc:  # never break interpreter startup
-        print(f"kvzap-eval: could not register {MODEL_NAME} with lm-eval ({exc})", file=sys.stderr)
+        print(f"kvzap-eval: could not prepare lm-eval for {MODEL_NAME} ({exc})", file=sys.stderr)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from . import sample_stats
+from . import lm_eval_summary, sample_stats
 from .embedded import resolve_pretrained
 from .errors import ConfigError
+from .lm_eval_preflight import check_current_command
 from .loading import load_model_config
 from .methods import PREFILL_ONLY_METHODS, MethodConfig, as_whole_number, build_method, check_setting
 from .protocol import PROTOCOLS, PreparedBatch, chunk_widths, split_context_question
@@ -80,6 +81,7 @@ class KVzapHFLM(HFLM):
     """HFLM with KVzap (or a baseline) compressing the KV cache of every request."""
 
     def __init__(self, pretrained: str | None = None, **kwargs) -> None:
+        check_current_command()  # lm-eval tasks that cannot run offline, before anything loads
         _check_known(kwargs)
         own = {name: kwargs.pop(name) for name in list(kwargs) if name in OWN_ARGS}
         self.method_config, self.protocol, self.prefill_chunk = method_config_from_args(own)
@@ -351,6 +353,7 @@ class KVzapHFLM(HFLM):
             "ranks": self.world_size,
             **run_stats.summary(),
         }
+        lm_eval_summary.record(info["kvzap"])
         return info
 
 
