@@ -88,10 +88,10 @@ def parse(argv: Sequence[str]) -> LmEvalCommand | None:
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             namespace = cli._parser.parse_args(args)
+        if namespace.command != "run":
+            return None
         config = EvaluatorConfig.load_yaml_config(namespace.config) if namespace.config else {}
     except (SystemExit, OSError, ValueError):  # lm-eval reports these itself, in its own words
-        return None
-    if namespace.command != "run":
         return None
     tasks = namespace.tasks or config.get("tasks") or []
     tasks = tasks.split(",") if isinstance(tasks, str) else [name for item in tasks for name in str(item).split(",")]

@@ -52,9 +52,9 @@ def format_summary(info: dict) -> str:
     lines = [f"{TITLE} (the same figures are in the results JSON under config.kvzap)"]
     lines.append(_row("method", _method_line(info)))
     lines.append(_row("backend", _backend_line(info)))
-    ratio = info.get("achieved_compression_ratio")
-    requests = info.get("requests", 0)
-    lines.append(_row("compression", f"{_ratio(ratio)} overall ({requests} requests, ranks {info.get('ranks', 1)})"))
+    ranks = info.get("ranks", 1)
+    counted = f"{info.get('requests', 0)} requests" + (f" over {ranks} ranks" if ranks > 1 else "")
+    lines.append(_row("compression", f"{_ratio(info.get('achieved_compression_ratio'))} overall ({counted})"))
     per_task = info.get("achieved_compression_ratio_per_task") or {}
     width = max((len(task) for task in per_task), default=0)
     lines += [_row("", f"{task:<{width}}  {_ratio(value)}") for task, value in per_task.items()]
