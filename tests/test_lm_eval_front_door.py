@@ -132,7 +132,8 @@ def test_offline_refuses_tasks_that_fetch_data_naming_each(monkeypatch):
 
 
 def test_a_cached_essay_dataset_or_network_access_lets_them_run(monkeypatch):
-    online = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    offline_variables = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    online = {name: value for name, value in ENV.items() if name not in offline_variables}
     code = "from kvzap_eval.lm_eval_preflight import offline_problems; print(offline_problems(['ruler']))"
     done = subprocess.run([sys.executable, "-c", code], env=online, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "{}", done.stderr[-2000:]
