@@ -35,17 +35,17 @@ def register() -> None:
 
 
 def prepare_lm_eval() -> None:
-    """Everything the stock lm_eval command needs from us, before it reads its command line."""
-    from .lm_eval_preflight import prepare
+    """The preflight of the stock lm_eval command line (before lm-eval reads it) and the summary at exit."""
+    from .lm_eval_preflight import complete_and_remember
     from .lm_eval_summary import print_at_exit
 
-    register()
-    sys.argv[1:] = prepare(sys.argv[1:])
+    sys.argv[1:] = complete_and_remember(sys.argv[1:])
     print_at_exit()
 
 
 if running_lm_eval():
-    try:
-        prepare_lm_eval()
-    except Exception as exc:  # never break interpreter startup
-        print(f"kvzap-eval: could not prepare lm-eval for {MODEL_NAME} ({exc})", file=sys.stderr)
+    for step, what in ((register, f"register {MODEL_NAME} with lm-eval"), (prepare_lm_eval, "read the command line")):
+        try:
+            step()
+        except Exception as exc:  # never break interpreter startup
+            print(f"kvzap-eval: could not {what} ({exc})", file=sys.stderr)

@@ -341,7 +341,8 @@ class KVzapHFLM(HFLM):
         self.run_stats.add(stats, session.timer, [task for (_, _, task), kept in zip(rows, keep) if kept])
 
     def get_model_info(self) -> dict:
-        """HFLM's model info plus `kvzap`: the method's settings and the run's statistics over every rank."""
+        """HFLM's model info plus `kvzap`: the method's settings and the run's statistics over every rank (lm-eval
+        calls it once the evaluation is done; the figures also go to the summary printed under its table)."""
         info = super().get_model_info()
         settings = {f.name: getattr(self.method_config, f.name) for f in fields(self.method_config)}
         run_stats = self._all_ranks_stats if self._all_ranks_stats is not None else self.run_stats

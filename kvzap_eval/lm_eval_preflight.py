@@ -124,7 +124,7 @@ def with_default_model(argv: Sequence[str], command: LmEvalCommand | None) -> li
     return [*argv, "--model_args", json.dumps(added)]
 
 
-def prepare(argv: Sequence[str]) -> list[str]:
+def complete_and_remember(argv: Sequence[str]) -> list[str]:
     """Read an lm-eval command line, remember it for this process, and return it with kvzap_hf's default model
     made explicit (`with_default_model`)."""
     global _command
@@ -132,11 +132,6 @@ def prepare(argv: Sequence[str]) -> list[str]:
     argv = with_default_model(argv, command)
     _command = parse(argv) if command is not None else None
     return argv
-
-
-def current_command() -> LmEvalCommand | None:
-    """The lm-eval command this process runs, if a front door (`kvzap-eval`, the `lm_eval` hook) has read it."""
-    return _command
 
 
 def offline() -> bool:
