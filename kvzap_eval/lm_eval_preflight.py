@@ -119,19 +119,19 @@ def with_default_model(argv: Sequence[str], command: LmEvalCommand | None) -> li
     added = {"pretrained": pretrained}
     if not command.model_args_on_command_line:
         added = {**command.model_args, **added}
-    print(f"kvzap-eval: {MODEL_NAME} runs the embedded {embedded_model_path().name}: pretrained={pretrained}",
-          file=sys.stderr)  # fmt: skip
     return [*argv, "--model_args", json.dumps(added)]
 
 
 def complete_and_remember(argv: Sequence[str]) -> list[str]:
     """Read an lm-eval command line, remember it for this process, and return it with kvzap_hf's default model
-    made explicit (`with_default_model`)."""
+    made explicit (`with_default_model`, said in one line on stderr)."""
     global _command
     command = parse(argv)
-    argv = with_default_model(argv, command)
-    _command = parse(argv) if command is not None else None
-    return argv
+    completed = with_default_model(argv, command)
+    if completed != list(argv):
+        print(f"kvzap-eval: {MODEL_NAME} runs the embedded model: {' '.join(completed[len(argv) :])}", file=sys.stderr)
+    _command = parse(completed) if command is not None else None
+    return completed
 
 
 def offline() -> bool:

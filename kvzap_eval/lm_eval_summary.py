@@ -53,7 +53,8 @@ def format_summary(info: dict) -> str:
     lines.append(_row("method", _method_line(info)))
     lines.append(_row("backend", _backend_line(info)))
     ranks = info.get("ranks", 1)
-    counted = f"{info.get('requests', 0)} requests" + (f" over {ranks} ranks" if ranks > 1 else "")
+    requests = info.get("requests", 0)
+    counted = f"{requests} request{'' if requests == 1 else 's'}" + (f" over {ranks} ranks" if ranks > 1 else "")
     lines.append(_row("compression", f"{_ratio(info.get('achieved_compression_ratio'))} overall ({counted})"))
     per_task = info.get("achieved_compression_ratio_per_task") or {}
     width = max((len(task) for task in per_task), default=0)
