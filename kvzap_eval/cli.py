@@ -24,14 +24,20 @@ SUBCOMMANDS = {
 
 
 def run_lm_eval(argv: list[str]) -> int:
-    """lm-eval's CLI on `argv`, with `kvzap_hf` registered."""
+    """lm-eval's CLI on `argv`, with `kvzap_hf` registered, its default model made explicit, tasks that cannot run
+    offline refused before anything loads, and the KVzap summary printed under lm-eval's table."""
     from .evaluation.lm_eval_hook import register
+    from .evaluation.lm_eval_preflight import check_current_command, complete_and_remember
+    from .evaluation.lm_eval_summary import print_pending
 
     register()
+    argv = complete_and_remember(argv)
+    check_current_command()
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
+    print_pending()
     return 0
 
 

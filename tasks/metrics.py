@@ -1,8 +1,10 @@
 """RULER's string-match scores, reported per context length, plus the sample's KV compression ratio.
 
-Mirrors `lm_eval/tasks/ruler/common_utils.py`: a sample of length L reports its score under the metric "L"
-and -1 under every other supported length; `aggregate` averages while ignoring the -1 sentinels, so each
-length's metric is the mean over the samples of that length (and -1 for a length that was not run).
+Like `lm_eval/tasks/ruler/common_utils.py`, a sample of length L reports its score under the metric "L"; unlike
+it, a sample reports nothing under the other lengths (RULER sets them to -1). lm-eval aggregates each metric over
+the samples that report it, so "L" is the mean over the samples of length L, and a length that was not run has no
+row in lm-eval's table at all.
+
 `string_match_part` follows NVIDIA/RULER (any reference counts); lm-eval's port averages instead, which is
 `string_match_all` again for a single prediction.
 """
@@ -36,10 +38,7 @@ def string_match_part(prediction: str, references: list[str]) -> float:
 
 
 def _per_length(doc: dict, score: float) -> dict[str, float]:
-    metrics = {str(length): -1.0 for length in SUPPORTED_LENGTHS}
-    metrics[str(doc["max_length"])] = score
-    metrics["kv_compression"] = lookup(doc["kvzap_uid"])
-    return metrics
+    return {str(doc["max_length"]): score, "kv_compression": lookup(doc["kvzap_uid"])}
 
 
 def process_results_all(doc: dict, results: list[str]) -> dict[str, float]:
@@ -51,8 +50,3 @@ def process_results_part(doc: dict, results: list[str]) -> dict[str, float]:
     """Score with `string_match_part` (QA: any accepted answer)."""
     return _per_length(doc, string_match_part(postprocess(results[0]), doc["outputs"]))
 
-
-def aggregate(values: list[float]) -> float:
-    """Mean over the samples of one length, -1 sentinels ignored; -1 when no sample had that length."""
-    scored = [value for value in values if value != -1]
-    return sum(scored) / len(scored) if scored else -1.0

@@ -125,23 +125,12 @@ def test_process_results_reports_score_under_its_length_and_the_recorded_compres
     doc = {"max_length": 2048, "outputs": ["ABCDE", "FGHIJ"], "kvzap_uid": "test/2048/0"}
     sample_stats.clear()
     try:
-        assert metrics.process_results_all(doc, [" ABCDE\x00"]) == {
-            "1024": -1.0,
-            "2048": 0.5,
-            "4096": -1.0,
-            "8192": -1.0,
-            "kv_compression": 0.0,
-        }
+        assert metrics.process_results_all(doc, [" ABCDE\x00"]) == {"2048": 0.5, "kv_compression": 0.0}
         sample_stats.record("test/2048/0", 0.75)
         assert metrics.process_results_part(doc, ["fghij"])["2048"] == 1.0
         assert metrics.process_results_part(doc, ["fghij"])["kv_compression"] == 0.75
     finally:
         sample_stats.clear()
-
-
-def test_aggregate_ignores_other_lengths():
-    assert metrics.aggregate([1.0, -1.0, 0.0, -1.0, 0.5]) == 0.5
-    assert metrics.aggregate([-1.0, -1.0]) == -1.0
 
 
 def test_task_manager_loads_the_group_and_every_task(tokenizer):

@@ -2,7 +2,9 @@
 
 Imported at interpreter startup by `kvzap_eval_lmeval.pth`; in any other program it only inspects `sys.argv`.
 lm-eval's built-in models are imported first, so they stay registered (registering into an empty registry would
-hide them), and registration is idempotent.
+hide them), and registration is idempotent. In lm_eval it also runs the preflight of the command line
+(`lm_eval_preflight.py`: kvzap_hf's default model made explicit, so that lm-eval's own tasks see it) and has the
+KVzap summary printed under lm-eval's table (`lm_eval_summary.py`). Nothing in lm-eval is replaced.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ def register() -> None:
     model_registry.register(MODEL_NAME, target=TARGET)
 
 
+def prepare_lm_eval() -> None:
+    """The preflight of the stock lm_eval command line (before lm-eval reads it) and the summary at exit."""
+    from .lm_eval_preflight import complete_and_remember
+    from .lm_eval_summary import print_at_exit
+
+    sys.argv[1:] = complete_and_remember(sys.argv[1:])
+    print_at_exit()
+
+
 if running_lm_eval():
-    try:
-        register()
-    except Exception as exc:  # never break interpreter startup
-        print(f"kvzap-eval: could not register {MODEL_NAME} with lm-eval ({exc})", file=sys.stderr)
+    for step, what in ((register, f"register {MODEL_NAME} with lm-eval"), (prepare_lm_eval, "read the command line")):
+        try:
+            step()
+        except Exception as exc:  # never break interpreter startup
+            print(f"kvzap-eval: could not {what} ({exc})", file=sys.stderr)

@@ -28,7 +28,8 @@ from ..llm.embedded import resolve_pretrained
 from ..llm.loading import load_model_config
 from ..runtime.methods import MethodConfig, build_method
 from ..runtime.session import KVzapSession, compress
-from . import sample_stats
+from . import lm_eval_summary, sample_stats
+from .lm_eval_preflight import check_current_command
 from .model_args import OWN_ARGS, method_config_from_args
 from .protocol import PreparedBatch, chunk_widths, split_context_question
 from .run_stats import RunStats
@@ -51,6 +52,7 @@ class KVzapHFLM(HFLM):
     """HFLM with KVzap (or a baseline) compressing the KV cache of every request."""
 
     def __init__(self, pretrained: str | None = None, **kwargs) -> None:
+        check_current_command()  # lm-eval tasks that cannot run offline, before anything loads
         _check_known(kwargs)
         own = {name: kwargs.pop(name) for name in list(kwargs) if name in OWN_ARGS}
         self.method_config, self.protocol, self.prefill_chunk = method_config_from_args(own)
@@ -309,7 +311,8 @@ class KVzapHFLM(HFLM):
         self.run_stats.add(stats, session.timer, [task for (_, _, task), kept in zip(rows, keep) if kept])
 
     def get_model_info(self) -> dict:
-        """HFLM's model info plus `kvzap`: the method's settings and the run's statistics over every rank."""
+        """HFLM's model info plus `kvzap`: the method's settings and the run's statistics over every rank (lm-eval
+        calls it once the evaluation is done; the figures also go to the summary printed under its table)."""
         info = super().get_model_info()
         settings = {f.name: getattr(self.method_config, f.name) for f in fields(self.method_config)}
         run_stats = self._all_ranks_stats if self._all_ranks_stats is not None else self.run_stats
@@ -321,6 +324,7 @@ class KVzapHFLM(HFLM):
             "ranks": self.world_size,
             **run_stats.summary(),
         }
+        lm_eval_summary.record(info["kvzap"])
         return info
 
 

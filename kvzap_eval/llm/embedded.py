@@ -78,9 +78,21 @@ def _convert(gguf_path: Path, target: Path) -> None:
         (tmp / _MARKER).write_text(f"{gguf_path}\n")
 
 
+def embedded_model_path() -> Path:
+    """Where the converted model lives (or will, once converted): `embedded_model_dir()` without converting."""
+    return embedded_cache_dir() / EMBEDDED_NAME
+
+
+def is_embedded(name: str | os.PathLike | None) -> bool:
+    """True for None, an alias of the embedded model, or the path of its converted directory."""
+    if name is None or name in EMBEDDED_ALIASES:
+        return True
+    return Path(os.fspath(name)).expanduser().absolute() == embedded_model_path().expanduser().absolute()
+
+
 def embedded_model_dir() -> Path:
     """Directory of the converted model, converting the GGUF on first use (later calls only check a marker)."""
-    target = embedded_cache_dir() / EMBEDDED_NAME
+    target = embedded_model_path()
     if not (target / _MARKER).is_file():
         gguf_path = embedded_gguf_path()
         if target.exists():  # a foreign or stale directory without the marker: never reuse it
@@ -96,12 +108,13 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_pretrained(name: str | None) -> str:
-    """Map None or an alias of the embedded model to its converted directory; check any other name.
+    """Map None, an alias of the embedded model or its (maybe not yet converted) directory to that directory, converted
+    on first use; check any other name.
 
     A directory must hold a `config.json`; a name that is not a directory must be a hub id, and offline
     (`HF_HUB_OFFLINE`) one already in the local Hugging Face cache. Anything else is a `ModelNotFoundError`.
     """
-    if name is None or name in EMBEDDED_ALIASES:
+    if is_embedded(name):
         return str(embedded_model_dir())
     text = os.fspath(name)
     if not text.strip():

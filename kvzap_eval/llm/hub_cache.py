@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 
 
-def _env_true(name: str) -> bool:
+def env_true(name: str) -> bool:
+    """An environment switch set to 1/on/yes/true (any case)."""
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def offline() -> bool:
     """Offline mode: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set now, or huggingface_hub's own setting."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+    if env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE"):
         return True
     from huggingface_hub import constants
 
