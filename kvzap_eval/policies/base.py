@@ -12,8 +12,9 @@ from ..cache import CompactLayer
 class Policy(ABC):
     """Decides evictions after a layer's attention; called once per layer and forward.
 
-    `acts_on(q)` says whether the forward of q new tokens needs scores and a decision at all; `select` returns a
-    (B, H_kv, L) bool mask over the layer's slots (True = evict) or None when nothing is evicted.
+    `acts_on(q)` says whether the forward of q new tokens needs scores and a decision at all; `select` returns an
+    (N,) bool mask over the layer's arena slots (True = evict; `CompactLayer.slot_positions` says which token each
+    slot holds) or None when nothing is evicted.
     """
 
     @abstractmethod
