@@ -108,7 +108,7 @@ def row_attention(
         if eager:
             outs.append(_eager_row(queries[r], k, v, mask, scale, dropout_p))
         else:
-            outs.append(F.scaled_dot_product_attention(queries[r], k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale))
+            outs.append(F.scaled_dot_product_attention(queries[r], k, v, mask, dropout_p, scale=scale))
     out = torch.cat(outs, dim=0)  # (R, 1, G * q, d)
     return out.view(b, h_q, q, d).transpose(1, 2)
 
@@ -164,7 +164,9 @@ def ragged_attention(layer: CompactLayer, query: torch.Tensor, scale: float, dro
             return varlen_attention(layer, query, scale)
         except (ImportError, NotImplementedError, RuntimeError) as exc:
             _VARLEN_FAILED[query.device] = True
-            warnings.warn(f"varlen_attn unavailable on {query.device} ({exc}); attending per (batch, KV head) row")
+            warnings.warn(
+                f"varlen_attn unavailable on {query.device} ({exc}); attending per (batch, KV head) row", stacklevel=2
+            )
     return row_attention(layer, query, scale, dropout_p)
 
 

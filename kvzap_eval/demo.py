@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.method} answer:   {answer!r} ({seconds:.1f} s)")
     print(f"compression ratio: {stats.compression_ratio:.3f} ({1 / max(1e-9, 1 - stats.compression_ratio):.2f}x)")
     print(
-        f"KV bytes held: {held_mib:.2f} MiB vs {full_mib:.2f} MiB for a full cache ({stats.held_kv_bytes_fraction:.1%}); "
-        f"the kept entries alone: {kept_mib:.2f} MiB"
+        f"KV bytes held: {held_mib:.2f} MiB vs {full_mib:.2f} MiB for a full cache "
+        f"({stats.held_kv_bytes_fraction:.1%}); the kept entries alone: {kept_mib:.2f} MiB"
     )
     return 0
 
