@@ -259,3 +259,38 @@ def test_a_model_cast_between_forwards_is_refused(surrogate_dir):
         model.to(torch.bfloat16)
         with pytest.raises(CacheMismatchError, match="session.new_cache"):
             model(input_ids=ids[:, :1], use_cache=True, **{CACHE_KWARG: output_cache(out)})
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False, seqused_k=None, **kwargs):  # fmt: skip
+    """`varlen_attn`'s documented semantics in plain torch (the kernel itself is CUDA-only): sequence i's queries
+    attend its first `seqused_k[i]` keys, causally aligned bottom-right when window_size is (-1, 0)."""
+    outs = []
+    for i in range(len(cu_seq_q) - 1):
+        q = query[cu_seq_q[i] : cu_seq_q[i + 1]].transpose(0, 1)  # (H_q, Tq, D)
+        k = key[cu_seq_k[i] : cu_seq_k[i] + seqused_k[i]].transpose(0, 1)
+        v = value[cu_seq_k[i] : cu_seq_k[i] + seqused_k[i]].transpose(0, 1)
+        n_q, n_k = q.shape[1], k.shape[1]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool).tril_(n_k - n_q) if tuple(window_size) == (-1, 0) else None
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_varlen_layout_equals_row_attention(monkeypatch, q):
+    """The CUDA path's plumbing (queries per row as G heads, region starts as key offsets, used slots as seqused_k),
+    checked on CPU against the kernel's documented semantics."""
+    import torch.nn.attention.varlen as varlen
+
+    from kvzap_eval.attention import varlen_attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    torch.manual_seed(2)
+    layer = CompactLayer()
+    step(layer, ThresholdPolicy(0.0, window=2), torch.randn(2, 3, 14, D), torch.randn(2, 3, 14))
+    layer.update(torch.randn(2, 3, q, D), torch.randn(2, 3, q, D))
+    query = torch.randn(2, 6, q, D)
+    torch.testing.assert_close(
+        varlen_attention(layer, query, 0.5), row_attention(layer, query, 0.5), atol=1e-5, rtol=1e-5
+    )
