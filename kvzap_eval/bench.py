@@ -108,7 +108,7 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="kvzap-eval bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="sub-benchmarks")
     parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, torch.get_num_threads()])
-    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="generate: runs; decode: blocks (each)")
     parser.add_argument("--threshold", type=finite_float, default=None, help="generate: tau (default the surrogate's)")
     parser.add_argument("--context-tokens", type=positive_int, default=1000, help="generate: prompt tokens")
     parser.add_argument("--new-tokens", type=positive_int, default=64, help="generate: tokens generated")
@@ -118,7 +118,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--memory-new-tokens", type=positive_int, default=16, help="memory, capacity: decode steps")
     parser.add_argument("--decode-runs", type=batch_by_tokens, nargs="+", default=[(1, 4000), (1, 8000), (8, 4000)],
                         metavar="BxT", help="decode: batch x prompt tokens, e.g. 1x4000 8x4000")  # fmt: skip
-    parser.add_argument("--decode-steps", type=positive_int, default=32)
+    parser.add_argument("--decode-steps", type=positive_int, default=16, help="decode: steps per timed block")
     parser.add_argument("--decode-threshold", type=finite_float, default=-3.0, help="decode, capacity: tau")
     parser.add_argument("--budget-mib", type=positive_float, default=256.0, help="capacity: KV budget")
     parser.add_argument("--capacity-contexts", type=positive_int, nargs="+", default=[2000, 4000, 8000])
