@@ -21,13 +21,16 @@ Phases of a layer:
   slots among a row's entries (several evictions in one row, padding kept because no policy ran) marks the layer
   for a repack before its next update, so at attention time every row's first `count` slots are real entries.
 
-Why this layout (measured on this project's CPU, 1 thread, SmolLM2 shapes, see the README "Ragged KV storage"): per
-(batch, KV head) row, attention is one SDPA call over a contiguous slice of the arena with the row's G query heads
-as its queries, which reads only the kept bytes and never repeats keys. Fixed-size blocks with a block table
-(PagedAttention) would free memory in blocks too, but no CPU kernel here reads a block table (FlexAttention needs a
-compile per shape), and SDPA over a row needs contiguous keys; one tensor per head pads every batch row to the
-longest. On CUDA the same arena is one `varlen_attn` call per layer: the region starts are the key sequence
-offsets and `count` the used length of each (`seqused_k`).
+Why this layout (measured on this project's CPU, 1 thread, SmolLM2 shapes; the table is in the README, "Ragged KV
+storage"): per (batch, KV head) row, attention is one SDPA call over a contiguous slice of the arena with the row's
+G query heads as its queries, which reads only the kept bytes and never repeats keys. For one layer's decode step
+at 4k tokens with 0.22 kept that took 72 us (batch 1) and 1.24 ms (batch 8), against 378 us / 5.6 ms for the full
+cache, 191 us / 1.5 ms for one masked call over a rectangle padded to the layer's longest head (the previous
+layout, which also held those padded bytes), and 1.8 / 6.2 ms for gathering the ragged rows into such a
+rectangle. Fixed-size blocks with a block table (PagedAttention) would free memory in blocks too, but no CPU kernel
+here reads a block table (FlexAttention needs a compile per shape), and SDPA over a row needs contiguous keys; one
+tensor per head pads every batch row to the longest. On CUDA the same arena is one `varlen_attn` call per layer:
+the region starts are the key sequence offsets and `count` the used length of each (`seqused_k`).
 
 RoPE is applied before caching, so entries never need their positions again for attention; positions serve the
 causal mask, the policies (window, sinks) and the statistics. `get_seq_length()` returns the logical count of
