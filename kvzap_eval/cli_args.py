@@ -75,6 +75,14 @@ def open_fraction(text: str) -> float:
     return value
 
 
+def batch_by_tokens(text: str) -> tuple[int, int]:
+    """A run size written BxT: batch B of prompts of about T tokens each ("8x4000")."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxTOKENS with both at least 1, e.g. 8x4000")
+    return int(parts[0]), int(parts[1])
+
+
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():

@@ -33,6 +33,10 @@ class EmbeddedModelError(KVzapError):
     """The embedded SmolLM2 model package is missing or cannot be converted."""
 
 
+class CacheMismatchError(KVzapError):
+    """A KV cache holds entries of another dtype or device than the keys and values the model now gives it."""
+
+
 class UnsupportedModelError(KVzapError):
     """The LLM's architecture is not one the runtime supports."""
 

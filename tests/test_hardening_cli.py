@@ -105,7 +105,7 @@ def test_bench_mistakes_are_one_line(capsys, args, message):
 
 
 def test_bench_json_that_is_a_directory_is_refused_before_measuring(capsys, tmp_path):
-    line = one_error_line(capsys, cli.main(["bench", "--json", str(tmp_path), "--threads", "1", "--skip-generate"]))
+    line = one_error_line(capsys, cli.main(["bench", "--json", str(tmp_path), "--threads", "1", "--only", "scorer"]))
     assert f"--json {tmp_path} is a directory" in line
 
 

@@ -90,7 +90,7 @@ def test_sweep_rerun_after_a_torn_write_keeps_every_finished_run(tiny, tmp_path)
 APPENDER = """
 import sys
 from pathlib import Path
-from kvzap_eval.table import append_row
+from kvzap_eval.evaluation.table import append_row
 table, writer, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 for i in range(count):
     append_row(table, {"writer": writer, "i": i, "pad": "x" * 3000})

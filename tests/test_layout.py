@@ -121,7 +121,8 @@ def test_a_measurement_is_achieved_compression_ratio_and_the_old_name_warns():
 
     from kvzap_eval.runtime.stats import CompressionStats, LayerStats
 
-    layer = LayerStats(torch.tensor([[3, 1]]), torch.tensor([[1, 3]]), 4, 3, 10, 20)
+    kept, evicted = torch.tensor([[3, 1]]), torch.tensor([[1, 3]])
+    layer = LayerStats(kept, evicted, 4, kept + 16, 10, 8, 20)
     stats = CompressionStats([layer])
     assert stats.achieved_compression_ratio == layer.achieved_compression_ratio == 0.5
     with pytest.warns(DeprecationWarning, match="CompressionStats.achieved_compression_ratio"):

@@ -396,7 +396,7 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
                 "accuracy": accuracy_of(results["results"][run.task], run.length),
                 "n": int(results["n-samples"][run.task]["effective"]),
                 "compression_ratio": info["achieved_compression_ratio"] or 0.0,
-                "kv_bytes_fraction": info["kv_bytes_fraction"],
+                "kv_bytes_fraction": info["held_kv_bytes_fraction"],  # bytes allocated / a full cache's
                 "setting_ratio": lm.method_config.compression_ratio,
                 "seconds": time.perf_counter() - start,
                 "pretrained": pretrained,

@@ -1,12 +1,25 @@
-"""Attention over a `CompactLayer`, registered with transformers' `AttentionInterface` as "kvzap" and "kvzap_eager".
+"""Attention over a `CompactLayer`'s ragged storage, registered with transformers' `AttentionInterface` as "kvzap"
+(SDPA kernels) and "kvzap_eager" (explicit softmax, returns probabilities for the dense prefill).
 
-Rows of a compacted layer hold different entries, so the mask is per (batch, KV head) and is built here from the
-layer's slot positions; transformers builds no mask for these names (they are not in `AttentionMaskInterface`).
-Grouped-query attention runs on the KV heads directly: the query heads of a group are folded into the query
-length, (B, H_q, q, d) -> (B, H_kv, n_rep * q, d), so keys and values are never repeated.
+- The first forward of a cache (the prefill) is dense: every head sees the same tokens, so one fused causal SDPA
+  call (GQA inside the kernel) runs on the model's own tensors, with a (B, 1, q, q) mask only when there is padding.
+- Later forwards (decode steps, prefill chunks, a question after a context) attend per (batch, KV head) row: the
+  row's entries are one contiguous slice of the layer's arena, and the G query heads of its GQA group (x the q new
+  tokens) are the queries of one SDPA call over it, so keys and values are never repeated, gathered or padded. A
+  decode step needs no mask; a multi-token forward masks causally among its new tokens (they sit, in order, at the
+  end of each row) and hides their padding.
+- On CUDA in fp16/bf16, a later forward without padding is one `torch.nn.attention.varlen.varlen_attn` call per
+  layer (flash varlen): each row is a key sequence (offsets = the region starts, `seqused_k` = its used slots) and
+  its G query heads are the heads of its q queries; several new tokens attend causally (bottom-right aligned). A
+  torch without it, or a kernel that refuses, falls back to the per-row path (remembered per device, with a warning).
+
+Transformers builds no mask for these names (they are not in `AttentionMaskInterface`); the masks come from the
+cache layer. Without a compact cache (a forward with use_cache=False) attention is plainly causal.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +31,27 @@ SDPA_NAME = "kvzap"
 EAGER_NAME = "kvzap_eager"
 CACHE_KWARG = "kvzap_cache"
 
+#: device -> False once `varlen_attn` failed there (then the per-row path serves that device).
+_VARLEN_FAILED: dict[torch.device, bool] = {}
 
-def compact_mask(layer: CompactLayer, q: int) -> torch.Tensor:
-    """(B, H_kv, q, L) bool: which slots each new query may attend to (causal, kept entries only)."""
-    occupied = layer.positions >= 0
-    if q == 1:
-        return occupied[:, :, None, :]
-    past = occupied[..., :-q]
-    new = occupied[..., -q:]  # the q new tokens were appended in order; False where they are padding
-    causal = torch.ones(q, q, dtype=torch.bool, device=occupied.device).tril_()
-    diagonal = torch.eye(q, dtype=torch.bool, device=occupied.device)  # a padding query sees itself: no empty row
-    new_block = (causal & new[:, :, None, :]) | diagonal
-    b, h, _ = occupied.shape
-    return torch.cat([past[:, :, None, :].expand(b, h, q, past.shape[-1]), new_block], dim=-1)
+
+def _layer_of(module: torch.nn.Module, kwargs: dict) -> CompactLayer | None:
+    cache = kwargs.get(CACHE_KWARG)
+    return cache.layers[module.layer_idx] if isinstance(cache, CompactCache) else None
+
+
+# --- the dense first forward ---------------------------------------------------------------------------------------
+def _dense_mask(layer: CompactLayer | None, q: int, kv_len: int, device) -> torch.Tensor | None:
+    """(B, 1, q, kv) bool for the first forward: causal, padding hidden (a padding query sees itself); None when
+    plainly causal over q == kv tokens (the fused kernels' `is_causal`)."""
+    valid = layer.new_valid if layer is not None else None
+    if valid is None:
+        if q == kv_len:
+            return None
+        return torch.ones(q, kv_len, dtype=torch.bool, device=device).tril_(kv_len - q)[None, None]
+    causal = torch.ones(q, q, dtype=torch.bool, device=device).tril_()
+    diagonal = torch.eye(q, dtype=torch.bool, device=device)
+    return ((causal & valid[:, None, :]) | diagonal)[:, None]
 
 
 def _fold_heads(query: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -38,79 +59,149 @@ def _fold_heads(query: torch.Tensor, n_kv: int) -> torch.Tensor:
     return query.reshape(b, n_kv, (h_q // n_kv) * q, d)
 
 
-def _unfold_heads(out: torch.Tensor, h_q: int, q: int) -> torch.Tensor:
-    b, n_kv, _, d = out.shape
-    return out.reshape(b, h_q, q, d).transpose(1, 2).contiguous()  # transformers expects (B, q, H_q, d)
+def _dense_eager(query, key, value, mask, scaling, dropout, training):
+    b, h_q, q, d = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    if mask is None:
+        mask = torch.ones(q, kv_len, dtype=torch.bool, device=query.device).tril_()[None, None]
+    mask = mask.repeat(1, 1, h_q // n_kv, 1)  # rows ordered (g, i), matching the folded query
+    logits = torch.matmul(_fold_heads(query, n_kv), key.transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
+    out = torch.matmul(probs, value).reshape(b, h_q, q, d)
+    return out.transpose(1, 2).contiguous(), probs.reshape(b, h_q, q, kv_len)
 
 
-def _tile_mask(mask: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if mask.shape[2] == 1 or n_rep == 1:
-        return mask
-    return mask.repeat(1, 1, n_rep, 1)  # rows ordered (r, i), matching the folded query
+# --- later forwards: per (batch, KV head) row ----------------------------------------------------------------------
+def _new_token_mask(layer: CompactLayer, batch_row: int, q: int) -> torch.Tensor:
+    """(q, q) bool among the new tokens of one batch row: causal, padding hidden, a padding query sees itself."""
+    causal = torch.ones(q, q, dtype=torch.bool, device=layer.device).tril_()
+    if layer.new_valid is None:
+        return causal
+    diagonal = torch.eye(q, dtype=torch.bool, device=layer.device)
+    return (causal & layer.new_valid[batch_row][None, :]) | diagonal
 
 
-def _mask(module: torch.nn.Module, q: int, kv_len: int, device, kwargs: dict) -> torch.Tensor:
-    """The layer's compact-cache mask, or a plain causal mask when the model runs without a compact cache."""
-    cache = kwargs.get(CACHE_KWARG)
-    if isinstance(cache, CompactCache):
-        return compact_mask(cache.layers[module.layer_idx], q)
-    return torch.ones(q, kv_len, dtype=torch.bool, device=device).tril_(kv_len - q)[None, None]
+def row_attention(
+    layer: CompactLayer, query: torch.Tensor, scale: float, dropout_p: float = 0.0, eager: bool = False
+) -> torch.Tensor:
+    """(B, H_q, q, d) queries over each row's entries -> (B, q, H_q, d): one attention call per (batch, KV head)."""
+    b, h_q, q, d = query.shape
+    heads, rows = layer.heads, layer.rows
+    group = h_q // heads
+    queries = query.reshape(rows, 1, 1, group * q, d).unbind(0)  # row r = b * H + h; queries ordered (g, i)
+    keys, values = layer.keys[None, None], layer.values[None, None]
+    starts, counts = torch.stack((layer.start, layer.count)).tolist()
+    new_masks: dict[int, torch.Tensor] = {}
+    outs = []
+    for r in range(rows):
+        s, c = starts[r], counts[r]
+        mask = None
+        if q > 1:
+            batch_row = r // heads
+            if batch_row not in new_masks:
+                new_masks[batch_row] = _new_token_mask(layer, batch_row, q)
+            past = torch.ones(q, c - q, dtype=torch.bool, device=query.device)
+            mask = torch.cat((past, new_masks[batch_row]), dim=1).repeat(group, 1)
+        k, v = keys[:, :, s : s + c], values[:, :, s : s + c]
+        if eager:
+            outs.append(_eager_row(queries[r], k, v, mask, scale, dropout_p))
+        else:
+            outs.append(F.scaled_dot_product_attention(queries[r], k, v, mask, dropout_p, scale=scale))
+    out = torch.cat(outs, dim=0)  # (R, 1, G * q, d)
+    return out.view(b, h_q, q, d).transpose(1, 2)
 
 
-def _first_forward_mask(module: torch.nn.Module, q: int, kwargs: dict) -> torch.Tensor | None | bool:
-    """For a forward with no past entries, every head sees the same keys: a (B, 1, q, q) mask, None (causal and
-    no padding) or False when the layer holds a past (the per-head mask is needed)."""
-    cache = kwargs.get(CACHE_KWARG)
-    if not isinstance(cache, CompactCache):
-        return None
-    positions = cache.layers[module.layer_idx].positions
-    if positions.shape[-1] != q:
-        return False
-    real = positions[:, 0, :] >= 0  # (B, q), the same for every head before any eviction
-    if bool(real.all()):
-        return None
-    causal = torch.ones(q, q, dtype=torch.bool, device=real.device).tril_()
-    diagonal = torch.eye(q, dtype=torch.bool, device=real.device)
-    return ((causal & real[:, None, :]) | diagonal)[:, None]
+def _eager_row(query, key, value, mask, scale, dropout_p):
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(F.dropout(probs, p=dropout_p, training=dropout_p > 0), value)
 
 
+def varlen_attention(layer: CompactLayer, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H_q, q, d) queries over each row's entries -> (B, q, H_q, d) in one flash varlen call (CUDA only)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h_q, q, d = query.shape
+    heads, rows = layer.heads, layer.rows
+    group = h_q // heads
+    queries = query.reshape(b, heads, group, q, d).permute(0, 1, 3, 2, 4).reshape(rows * q, group, d)
+    cu_q = torch.arange(0, (rows + 1) * q, q, dtype=torch.int32, device=query.device)
+    ends = layer.start.new_full((1,), layer.keys.shape[0])
+    cu_k = torch.cat((layer.start, ends)).to(torch.int32)
+    out = varlen_attn(
+        queries,
+        layer.keys[:, None],
+        layer.values[:, None],
+        cu_q,
+        cu_k,
+        q,
+        layer.longest_region,
+        scale=scale,
+        window_size=(-1, 0) if q > 1 else (-1, -1),
+        enable_gqa=True,
+        seqused_k=layer.count.to(torch.int32),
+    )
+    return out.view(b, heads, q, group, d).permute(0, 2, 1, 3, 4).reshape(b, q, h_q, d)
+
+
+def _varlen_fits(layer: CompactLayer, query: torch.Tensor) -> bool:
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and layer.new_valid is None
+        and not _VARLEN_FAILED.get(query.device, False)
+    )
+
+
+def ragged_attention(layer: CompactLayer, query: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The SDPA path of a later forward: flash varlen where it fits, else one SDPA call per row."""
+    if _varlen_fits(layer, query):
+        try:
+            return varlen_attention(layer, query, scale)
+        except (ImportError, NotImplementedError, RuntimeError) as exc:
+            _VARLEN_FAILED[query.device] = True
+            warnings.warn(
+                f"varlen_attn unavailable on {query.device} ({exc}); attending per (batch, KV head) row", stacklevel=2
+            )
+    return row_attention(layer, query, scale, dropout_p)
+
+
+# --- the registered functions --------------------------------------------------------------------------------------
 def kvzap_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA over the kept entries of the layer's compact cache."""
-    h_q, q, n_kv = query.shape[1], query.shape[2], key.shape[1]
+    layer = _layer_of(module, kwargs)
     dropout_p = dropout if module.training else 0.0
-    if q > 1:
-        shared = _first_forward_mask(module, q, kwargs)
-        if shared is not False:  # prefill: one mask for all heads, so the fused (causal) kernels apply
-            out = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=shared,
-                is_causal=shared is None,
-                dropout_p=dropout_p,
-                scale=scaling,
-                enable_gqa=h_q != n_kv,
-            )
-            return out.transpose(1, 2).contiguous(), None
-    mask = _tile_mask(_mask(module, q, key.shape[-2], query.device, kwargs), h_q // n_kv)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer is not None and not layer.dense_forward:
+        return ragged_attention(layer, query, scale, dropout_p), None
+    h_q, q, n_kv = query.shape[1], query.shape[2], key.shape[1]
+    mask = _dense_mask(layer, q, key.shape[2], query.device)
     out = F.scaled_dot_product_attention(
-        _fold_heads(query, n_kv), key, value, attn_mask=mask, dropout_p=dropout_p, scale=scaling
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        is_causal=mask is None and q > 1,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=h_q != n_kv,
     )
-    return _unfold_heads(out, h_q, q), None
+    return out.transpose(1, 2).contiguous(), None
 
 
 def kvzap_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Eager (explicit softmax) attention over the compact cache; also returns the probabilities (B, H_q, q, L)."""
-    h_q, q, n_kv = query.shape[1], query.shape[2], key.shape[1]
-    mask = _tile_mask(_mask(module, q, key.shape[-2], query.device, kwargs), h_q // n_kv)
+    """Eager (explicit softmax) attention over the compact cache; the dense prefill also returns its probabilities
+    (B, H_q, q, q). Later forwards return none: rows hold different entries, in storage order."""
+    layer = _layer_of(module, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    logits = torch.matmul(_fold_heads(query, n_kv), key.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value)
-    b, _, _, length = probs.shape
-    return _unfold_heads(out, h_q, q), probs.reshape(b, h_q, q, length)
+    if layer is not None and not layer.dense_forward:
+        return row_attention(layer, query, scale, dropout if module.training else 0.0, eager=True), None
+    mask = _dense_mask(layer, query.shape[2], key.shape[2], query.device)
+    return _dense_eager(query, key, value, mask, scale, dropout, module.training)
 
 
 def register() -> None:

@@ -105,7 +105,7 @@ class SnapKVScorer(Scorer):
         module, hidden = call.module, call.hidden_states
         b, q, _ = hidden.shape
         window = min(self.window_size, q - 1)
-        keys = call.layer.keys[:, :, -q:]  # the new tokens were appended at the end, RoPE applied
+        keys = call.layer.new_keys()  # (B, H_kv, q, d), RoPE applied
         n_kv, head_dim = keys.shape[1], keys.shape[-1]
         n_rep = module.config.num_attention_heads // n_kv
         queries = module.q_proj(hidden[:, -window:]).view(b, window, -1, head_dim)

@@ -1,4 +1,12 @@
-"""Measurements of a compressed cache: entries kept and evicted per (layer, batch, head), bytes held, ratios."""
+"""Measurements of a compressed cache: entries kept and evicted per (layer, batch, head), bytes, ratios.
+
+Three byte counts per layer, each a measurement (never a setting):
+
+- `held_kv_bytes`: what the layer has allocated: the key and value arenas, free slots included, plus bookkeeping
+  (slot positions, pending scores, row regions); what the process really spends on this cache;
+- `kept_kv_bytes`: kept entries x bytes of one entry's key and value, what an exact layout would hold;
+- `full_kv_bytes`: an uncompressed cache of the same logical length (every token, padding included).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +19,15 @@ from ..moved import warn_moved
 
 @dataclass
 class LayerStats:
-    """One layer: real entries kept/evicted per (batch, head), logical and physical lengths, bytes."""
+    """One layer: real entries kept/evicted and slots allocated per (batch, head), logical length, bytes."""
 
     kept: torch.Tensor  # (B, H) int
     evicted: torch.Tensor  # (B, H) int
     logical_length: int  # tokens seen, padding included
-    physical_length: int  # slots held per row
-    nbytes: int  # every tensor the layer holds (keys, values, slot bookkeeping)
-    full_kv_nbytes: int  # keys + values of an uncompressed cache of the same logical length
+    capacity: torch.Tensor  # (B, H) slots allocated to each row (kept entries + free slots)
+    held_kv_bytes: int
+    kept_kv_bytes: int
+    full_kv_bytes: int
 
     @property
     def achieved_compression_ratio(self) -> float:
@@ -31,6 +40,22 @@ class LayerStats:
         """Deprecated name of `achieved_compression_ratio` (`compression_ratio` is `MethodConfig`'s setting)."""
         warn_moved("LayerStats.compression_ratio", "LayerStats.achieved_compression_ratio", depth=1)
         return self.achieved_compression_ratio
+
+    def select_rows(self, rows: list[int]) -> LayerStats:
+        """Batch rows `rows` only: held bytes shared in proportion to the slots each row was allocated."""
+        allocated = int(self.capacity.sum())
+        share = int(self.capacity[rows].sum()) / allocated if allocated else len(rows) / self.kept.shape[0]
+        kept = self.kept[rows]
+        entry = self.kept_kv_bytes // int(self.kept.sum()) if int(self.kept.sum()) else 0
+        return LayerStats(
+            kept=kept,
+            evicted=self.evicted[rows],
+            logical_length=self.logical_length,
+            capacity=self.capacity[rows],
+            held_kv_bytes=round(self.held_kv_bytes * share),
+            kept_kv_bytes=int(kept.sum()) * entry,
+            full_kv_bytes=self.full_kv_bytes * len(rows) // self.kept.shape[0],
+        )
 
 
 @dataclass
@@ -52,17 +77,26 @@ class CompressionStats:
         return self.achieved_compression_ratio
 
     @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.layers)
+    def held_kv_bytes(self) -> int:
+        return sum(s.held_kv_bytes for s in self.layers)
 
     @property
-    def full_kv_nbytes(self) -> int:
-        return sum(s.full_kv_nbytes for s in self.layers)
+    def kept_kv_bytes(self) -> int:
+        return sum(s.kept_kv_bytes for s in self.layers)
 
     @property
-    def bytes_fraction(self) -> float:
+    def full_kv_bytes(self) -> int:
+        return sum(s.full_kv_bytes for s in self.layers)
+
+    @property
+    def held_kv_bytes_fraction(self) -> float:
         """Bytes held / bytes a full cache would hold."""
-        return self.nbytes / self.full_kv_nbytes if self.full_kv_nbytes else 1.0
+        return self.held_kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 1.0
+
+    @property
+    def kept_kv_bytes_fraction(self) -> float:
+        """Bytes of the kept entries / bytes a full cache would hold."""
+        return self.kept_kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 1.0
 
     def per_row_achieved_compression_ratio(self) -> list[float]:
         """Achieved compression ratio of each batch row (mean over layers), e.g. one per evaluated sample."""
@@ -78,21 +112,8 @@ class CompressionStats:
         return ratios
 
     def select_rows(self, rows: list[int]) -> CompressionStats:
-        """The statistics of some batch rows only; bytes are shared evenly by the rows of the batch."""
-        layers = []
-        for s in self.layers:
-            share = len(rows) / s.kept.shape[0]
-            layers.append(
-                LayerStats(
-                    kept=s.kept[rows],
-                    evicted=s.evicted[rows],
-                    logical_length=s.logical_length,
-                    physical_length=s.physical_length,
-                    nbytes=round(s.nbytes * share),
-                    full_kv_nbytes=round(s.full_kv_nbytes * share),
-                )
-            )
-        return CompressionStats(layers)
+        """The statistics of some batch rows only."""
+        return CompressionStats([s.select_rows(rows) for s in self.layers])
 
     def per_layer_head(self) -> dict[str, torch.Tensor]:
         """Kept and evicted counts as (layers, B, H) tensors."""
@@ -102,15 +123,21 @@ class CompressionStats:
         }
 
     def summary(self) -> dict:
-        """JSON-ready summary (what reports and lm-eval's results["config"] record)."""
+        """JSON-ready summary: totals, and per layer the compression ratio and the three byte counts."""
         return {
             "achieved_compression_ratio": self.achieved_compression_ratio,
-            "kv_bytes": self.nbytes,
-            "full_kv_bytes": self.full_kv_nbytes,
-            "bytes_fraction": self.bytes_fraction,
-            "per_layer_achieved_compression_ratio": [s.achieved_compression_ratio for s in self.layers],
+            "held_kv_bytes": self.held_kv_bytes,
+            "kept_kv_bytes": self.kept_kv_bytes,
+            "full_kv_bytes": self.full_kv_bytes,
+            "held_kv_bytes_fraction": self.held_kv_bytes_fraction,
+            "kept_kv_bytes_fraction": self.kept_kv_bytes_fraction,
             "logical_length": self.layers[0].logical_length if self.layers else 0,
-            "physical_length": [s.physical_length for s in self.layers],
+            "per_layer": {
+                "achieved_compression_ratio": [s.achieved_compression_ratio for s in self.layers],
+                "held_kv_bytes": [s.held_kv_bytes for s in self.layers],
+                "kept_kv_bytes": [s.kept_kv_bytes for s in self.layers],
+                "full_kv_bytes": [s.full_kv_bytes for s in self.layers],
+            },
         }
 
     def per_row_compression_ratio(self) -> list[float]:

@@ -70,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         with compress(model, method) as session:
             answer, seconds = _generate(model, tokenizer, inputs, args.max_new_tokens)
             stats = session.stats()
-    kv_mib, full_mib = stats.nbytes / 2**20, stats.full_kv_nbytes / 2**20
+    held_mib, kept_mib, full_mib = (n / 2**20 for n in (stats.held_kv_bytes, stats.kept_kv_bytes, stats.full_kv_bytes))
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens, hidden number {number}")
     print(f"full cache answer: {full_answer!r} ({full_seconds:.1f} s)")
     print(f"{args.method} answer:   {answer!r} ({seconds:.1f} s)")
     ratio = stats.achieved_compression_ratio
     print(f"compression ratio: {ratio:.3f} ({1 / max(1e-9, 1 - ratio):.2f}x)")
-    print(f"KV bytes held: {kv_mib:.2f} MiB vs {full_mib:.2f} MiB for a full cache ({stats.bytes_fraction:.1%})")
+    print(
+        f"KV bytes held: {held_mib:.2f} MiB vs {full_mib:.2f} MiB for a full cache "
+        f"({stats.held_kv_bytes_fraction:.1%}); the kept entries alone: {kept_mib:.2f} MiB"
+    )
     return 0
 
 

@@ -15,8 +15,8 @@ class Policy(ABC):
 
     `acts_on(q)` says whether the forward of q new tokens needs scores and a decision at all. `decide` records the
     new tokens' scores in the layer (a threshold policy decides a token later, when it leaves the window) and
-    advances what the layer has decided; it returns a (B, H_kv, L) bool mask over the layer's slots (True = evict)
-    or None when nothing is evicted now.
+    advances what the layer has decided; it returns an (N,) bool mask over the layer's arena slots (True = evict;
+    `CompactLayer.slot_positions` says which token each slot holds) or None when nothing is evicted now.
     """
 
     @abstractmethod

@@ -45,8 +45,7 @@ class FixedRatioPolicy(Policy):
         for b in range(scores.shape[0]):
             n_kept = n_kept_for(int(real[b].sum()), self.ratio)
             keep[b] = self._keep_row(scores[b], n_kept)
-        drop = torch.zeros_like(layer.positions, dtype=torch.bool)
-        return drop.scatter_(2, layer.new_slots, ~keep)
+        return layer.drop_new(~keep)
 
     def _keep_row(self, scores: torch.Tensor, n_kept: int) -> torch.Tensor:
         """(H, q) scores of one batch row -> (H, q) keep mask."""

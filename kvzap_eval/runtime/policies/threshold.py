@@ -38,8 +38,8 @@ class ThresholdPolicy(Policy):
         if cutoff <= layer.decided_upto:
             return None
         if cutoff == layer.decided_upto + 1:  # a decode step: exactly one token leaves the window
-            leaving = layer.positions == layer.decided_upto
+            leaving = layer.slot_positions == layer.decided_upto
         else:
-            leaving = (layer.positions >= layer.decided_upto) & (layer.positions < cutoff)
+            leaving = (layer.slot_positions >= layer.decided_upto) & (layer.slot_positions < cutoff)
         layer.decided_upto = cutoff  # decided once: never looked at again
-        return leaving & (layer.pending < self.threshold)
+        return leaving & (layer.slot_scores < self.threshold)
