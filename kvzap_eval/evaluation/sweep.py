@@ -461,9 +461,22 @@ def main(argv: list[str] | None = None) -> int:
         model_args=parse_model_args(args.model_args),
         shard=Shard.parse(args.shard),
     )
-    rows = run_sweep(config)
+    try:
+        rows = run_sweep(config)
+    finally:
+        _leave_process_group()
     print(f"{len(rows)} rows in {config.output}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Leave the process group that lm-eval's accelerate set-up joined under `accelerate launch`: left to the
+    interpreter's exit, its gloo threads can be torn down mid-flight ('terminate called without an active
+    exception', the process aborts after the table was written)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def parse_model_args(text: str) -> dict:
