@@ -133,9 +133,15 @@ class KVzipPlusScorer(Scorer):
     _scores: list | None = field(default=None, init=False, repr=False)
 
     def prepare(self, input_ids, attention_mask):
-        from .oracle import OracleScorer, context_scores
+        from .oracle import context_scores
 
-        scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
+        self.use_scores(context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus))
+
+    def use_scores(self, scores: list[torch.Tensor]) -> None:
+        """Take the teacher's scores of the contexts about to be prefilled (`oracle.context_scores` of them), e.g.
+        computed once and shared by several methods."""
+        from .oracle import OracleScorer
+
         self._scores = OracleScorer(scores)
 
     def __call__(self, layer_idx, hidden_states, positions):
