@@ -69,7 +69,7 @@ def share_prefill(
         with torch.no_grad():
             output = forward(cache, session.cache_kwarg)
     if recorder.query_length is None:
-        raise KVzapError("share_prefill: the forward processed no multi-token input (nothing to prune)")
+        raise KVzapError("share_prefill: the forward ran no attention layer inside the shared block")
     return SharedPrefill(methods, cache, recorder.scores, recorder.timers, recorder.query_length, output)
 
 
@@ -103,15 +103,15 @@ class _Recorder(Scorer):
                 continue
             start = time.perf_counter()
             self.scores[index][call.layer_idx] = method.scorer.score(call)
-            self.timers[index].add("prefill", call.layer_idx, time.perf_counter() - start)
+            self.timers[index].add("prefill" if q > 1 else "decode", call.layer_idx, time.perf_counter() - start)
         return call.hidden_states.new_empty(0)
 
 
 class _KeepAll(Policy):
-    """Decides nothing: the shared forward only records scores."""
+    """Decides nothing: the shared forward only records scores (each method's own policy says whether it acts)."""
 
     def acts_on(self, q: int) -> bool:
-        return q > 1
+        return True
 
     def select(self, layer, scores):
         return None
