@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": "kvzap_eval.bench",
     "latency": "kvzap_eval.latency",
     "sweep": "kvzap_eval.sweep",
+    "sweep-bench": "kvzap_eval.sweep_bench",
     "merge": "kvzap_eval.sweep:merge_main",
     "report": "kvzap_eval.report",
     "gate": "kvzap_eval.gate",

@@ -374,6 +374,12 @@ def refuse_other_identities(output: Path, rows: list[dict], runs: list[Run], ide
 
 def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[dict]:
     """Evaluate every run not already in `config.output` with `config.engine`; returns the whole table."""
+    return list(execute(config, runs).done.values())
+
+
+def execute(config: SweepConfig, runs: Iterable[Run] | None = None) -> SweepState:
+    """`run_sweep`, returning the sweep's state: the whole table (`done`) and the model it loaded (None when every
+    run was already in the table)."""
     runs = list(plan(config) if runs is None else runs)
     identity = identify(config)
     planned = {row_key(run, identity): run for run in runs}
@@ -381,7 +387,7 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
     refuse_other_identities(config.output, rows, runs, identity)
     done = {row["key"]: row for row in rows}
     if all(key in done for key in planned):
-        return list(done.values())
+        return SweepState(config, identity, None, done, {})
     lm = load_lm(config, identity.pretrained)
     if lm.rank == 0:  # the only writer: torn or malformed lines go to <table>.torn before anything is appended
         done = {row["key"]: row for row in repair_table(config.output)}
@@ -399,7 +405,7 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
             from .sweep_engine import run_shared_prefill
 
             run_shared_prefill(state, todo)
-    return list(state.done.values())
+    return state
 
 
 def load_lm(config: SweepConfig, pretrained: str):
@@ -424,7 +430,7 @@ class SweepState:
 
     config: SweepConfig
     identity: SweepIdentity
-    lm: object  # KVzapHFLM, or the engine's subclass
+    lm: object  # KVzapHFLM, or the engine's subclass (None: nothing was left to evaluate)
     done: dict[str, dict]
     by_run: dict[str, dict]
     bar: object = None  # tqdm over the runs to evaluate

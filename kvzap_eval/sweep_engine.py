@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,12 +64,22 @@ def _run_pass(state: SweepState, runs: list[tuple[str, Run]], label: str) -> Non
         lm.end_pass()
 
 
+@dataclass
+class EngineWork:
+    """Where the engine's model time went (summed over the sweep)."""
+
+    contexts: int = 0  # batch rows computed (each once for all the methods of its pass)
+    shared_seconds: float = 0.0  # scorer preparation (the KVzip+ teacher) and the shared context prefill
+    method_seconds: float = 0.0  # every method's own work: its cache derived, its question and answer
+
+
 class SharedPrefillLM(KVzapHFLM):
     """`kvzap_hf` that computes each batch once for every method of a pass and hands each evaluation its own."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = TeacherScores()
+        self.work = EngineWork()
         self._methods: list[Method] = []
         self._configs: list[MethodConfig] = []
         self._current = 0
@@ -184,7 +195,7 @@ class SharedPrefillLM(KVzapHFLM):
         start = time.perf_counter()
         self._prepare_scorers(*context)
         shared = share_prefill(self.model, self._methods, forward) if forward is not None else None
-        shared_share = (time.perf_counter() - start) / len(self._methods)
+        shared_seconds = time.perf_counter() - start
         results = []
         for index, method in enumerate(self._methods):
             start = time.perf_counter()
@@ -192,7 +203,11 @@ class SharedPrefillLM(KVzapHFLM):
             if shared is not None:
                 result.timer.add_timer(shared.timers[index])
             results.append(result)
-            self._work_seconds[index] += shared_share + time.perf_counter() - start
+            own_seconds = time.perf_counter() - start
+            self._work_seconds[index] += shared_seconds / len(self._methods) + own_seconds
+            self.work.method_seconds += own_seconds
+        self.work.shared_seconds += shared_seconds
+        self.work.contexts += context[0].shape[0]
         if self._progress is not None:
             self._progress.update(context[0].shape[0])
         return results

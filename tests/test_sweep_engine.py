@@ -228,3 +228,19 @@ def test_smollm2_engine_rows_equal_per_method_rows(tmp_path):
     assert figures(engine) == figures(per_method)
     assert len(engine) == 4 + 2 * 5  # full and the 3 threshold methods; 5 fixed-ratio ones, matched and on the grid
     assert next(row["accuracy"] for row in engine if row["method"] == "full") == 1.0
+
+
+def test_sweep_bench_prints_both_wall_times_their_ratio_and_identical_rows(tiny, tmp_path, capsys):
+    from kvzap_eval.cli import main as cli
+
+    argv = ["sweep-bench", "--tasks", "kvzap_tiny_generation", "--limit", "2", "--methods", "full", "kvzap_mlp",
+            "streaming", "--thresholds", "0.0", "--include-path", TASKS, "--pretrained", tiny["model"],
+            "--no-chat-template", "--model-args", f"surrogate={tiny['surrogate']},window=8", "--out-dir",
+            str(tmp_path)]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 rows (3 method settings x 1 tasks x 1 lengths), 2 contexts" in out
+    assert "rows identical: 3/3" in out and "MISMATCH" not in out
+    figures = {line.split(":")[0]: float(line.split()[1].rstrip("x")) for line in out.splitlines()[1:4]}
+    assert figures["ratio"] == pytest.approx(figures["per-method"] / figures["shared-prefill"], abs=0.1)
+    assert {path.name for path in tmp_path.iterdir()} >= {"per-method.jsonl", "shared-prefill.jsonl"}
