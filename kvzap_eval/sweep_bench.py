@@ -1,5 +1,5 @@
-"""`kvzap-eval sweep-bench`: the same sweep with both engines, one after the other in one process; prints both wall
-times, their ratio, whether every row is identical, and where the shared-prefill engine's model time went.
+"""`kvzap-eval sweep-bench`: the same sweep with both engines, taking turns task by task in one process; prints both
+wall times, their ratio, whether every row is identical, and where the shared-prefill engine's model time went.
 
     kvzap-eval sweep-bench --limit 20        # 8 method settings x 9 tasks x 20 samples at 1k (about an hour on CPU)
 """
@@ -10,11 +10,12 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli_args import OneLineParser, finite_float, positive_int
 from .sweep import ENGINES, SWEEP_METHODS, SweepConfig, execute, parse_model_args
+from .sweep_engine import EngineWork, SharedPrefillLM
 
 LONGCTX_TASKS = ["kvzap_niah_single_repeat", "kvzap_niah_single_essay", "kvzap_niah_multikey", "kvzap_niah_multivalue",
                  "kvzap_niah_multiquery", "kvzap_vt", "kvzap_cwe", "kvzap_kv", "kvzap_qa"]  # fmt: skip
@@ -28,25 +29,35 @@ FIGURES = ("key", "accuracy", "n", "compression_ratio", "kv_bytes_fraction", "se
 @dataclass
 class EngineRun:
     engine: str
-    seconds: float
-    rows: dict[str, tuple]
-    work: object = None  # the shared-prefill engine's `EngineWork`
+    seconds: float = 0.0
+    rows: dict[str, tuple] = field(default_factory=dict)
+    work: EngineWork | None = None  # the shared-prefill engine's model time
 
 
 def bench(settings: dict, out_dir: Path) -> list[EngineRun]:
-    """Sweep `settings` (SweepConfig fields) into a fresh table per engine, per-method first; both timed."""
-    results = []
-    for engine in reversed(ENGINES):  # per-method, then shared-prefill
-        output = out_dir / f"{engine}.jsonl"
-        if output.exists():
-            output.unlink()
-        start = time.perf_counter()
-        state = execute(SweepConfig(output=output, engine=engine, **settings))
-        seconds = time.perf_counter() - start
-        rows = {row["key"]: tuple(json.dumps(row[name], sort_keys=True) for name in FIGURES) for row in
-                state.done.values()}  # fmt: skip
-        results.append(EngineRun(engine, seconds, rows, getattr(state.lm, "work", None)))
-    return results
+    """Sweep `settings` (SweepConfig fields) with each engine into a fresh table of its own, timed.
+
+    The engines take turns task by task (per-method first on even tasks, shared-prefill first on odd ones), so
+    that both see the same machine load over the run; each engine's time is the sum of its turns."""
+    runs = {engine: EngineRun(engine) for engine in reversed(ENGINES)}  # per-method, then shared-prefill
+    for engine in runs:
+        (out_dir / f"{engine}.jsonl").unlink(missing_ok=True)
+    for turn, task in enumerate(settings["tasks"]):
+        for engine in list(runs)[:: 1 if turn % 2 == 0 else -1]:
+            start = time.perf_counter()
+            state = execute(
+                SweepConfig(output=out_dir / f"{engine}.jsonl", engine=engine, **{**settings, "tasks": [task]})
+            )
+            runs[engine].seconds += time.perf_counter() - start
+            runs[engine].rows = {row["key"]: tuple(json.dumps(row[name], sort_keys=True) for name in FIGURES)
+                                 for row in state.done.values()}  # fmt: skip
+            if isinstance(state.lm, SharedPrefillLM):
+                runs[engine].work = _sum(runs[engine].work or EngineWork(), state.lm.work)
+    return list(runs.values())
+
+
+def _sum(a: EngineWork, b: EngineWork) -> EngineWork:
+    return EngineWork(a.contexts + b.contexts, a.shared_seconds + b.shared_seconds, a.method_seconds + b.method_seconds)
 
 
 def summary(runs: list[EngineRun], settings: dict) -> tuple[list[str], bool]:
