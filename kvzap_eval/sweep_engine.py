@@ -118,6 +118,16 @@ class SharedPrefillLM(KVzapHFLM):
         """Batch results computed but not yet handed to their method's evaluation."""
         return sum(len(queue) for queue in self._waiting.values())
 
+    def waiting_nbytes(self) -> int:
+        """Bytes of the tensors waiting (new tokens, per-layer counts): what memory holds between evaluations."""
+        total = 0
+        for queue in self._waiting.values():
+            for result in queue:
+                tensors = [result.output] if isinstance(result.output, torch.Tensor) else []
+                tensors += [t for layer in result.stats.layers for t in (layer.kept, layer.evicted)]
+                total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
     def attributed_seconds(self, wall: float) -> float:
         """A run's time: its evaluation's wall time without the model work done there for every method, plus its
         own share of the pass's model work (the shared prefill split evenly, its own question and answer)."""

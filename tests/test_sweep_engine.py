@@ -120,10 +120,11 @@ def test_engine_answers_equal_per_method_answers(tiny, tmp_path, batch_size):
     expected = evaluate_all(per_method_lm, configs, lambda index, config: per_method_lm.set_method(config))
     engine = SharedPrefillLM(**settings)
     engine.begin_pass(configs)
-    waiting = []
+    waiting, waiting_bytes = [], []
 
     def select(index, config):
         waiting.append(engine.waiting_results())
+        waiting_bytes.append(engine.waiting_nbytes())
         engine.use(index)
 
     got = evaluate_all(engine, configs, select)
@@ -133,6 +134,9 @@ def test_engine_answers_equal_per_method_answers(tiny, tmp_path, batch_size):
         assert ours == theirs, config
     # the first evaluation computed every method's batches; each later one took its own and nothing else
     assert waiting[0] == 0 and waiting[1] > 0
+    # no cache waits: per batch and method a few tokens and counts, under 1% of one full cache of the batch
+    full_cache = got[0]["kvzap"]["full_kv_bytes"] / got[0]["kvzap"]["requests"] * batch_size
+    assert 0 < waiting_bytes[1] / waiting[1] < 0.01 * full_cache
     assert all(earlier - later == waiting[1] // (len(configs) - 1) for earlier, later in zip(waiting[1:], waiting[2:]))
     assert len({json.dumps(o["responses"]) for o in expected}) > 3, "methods that all answer alike prove little"
 
