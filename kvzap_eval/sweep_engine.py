@@ -74,7 +74,10 @@ class EngineWork:
 
 
 class SharedPrefillLM(KVzapHFLM):
-    """`kvzap_hf` that computes each batch once for every method of a pass and hands each evaluation its own."""
+    """`kvzap_hf` that computes each batch once for every method of a pass and hands each evaluation its own.
+
+    Between `begin_pass(configs)` and `end_pass()`, `use(i)` selects the method the next evaluation runs; outside a
+    pass it is `KVzapHFLM` (one method, set with `set_method`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -148,11 +151,15 @@ class SharedPrefillLM(KVzapHFLM):
             self._progress.refresh()
 
     def _generate(self, batch: PreparedBatch, budget: int, stop, generation_kwargs: dict) -> BatchResult:
+        if not self._methods:  # outside a pass: the method set with `set_method`, on its own
+            return super()._generate(batch, budget, stop, generation_kwargs)
         key = ("generate", _digest(batch.input_ids, batch.attention_mask), tuple(batch.prefill_chunks), budget,
                tuple(stop), repr(sorted(generation_kwargs.items())))  # fmt: skip
         return self._take(key, lambda: self._generate_all(batch, budget, stop, generation_kwargs))
 
     def _score(self, batch: LoglikelihoodBatch) -> BatchResult:
+        if not self._methods:
+            return super()._score(batch)
         key = ("loglikelihood", _digest(batch.context_ids, batch.context_mask, batch.continuation_ids, batch.mask))
         return self._take(key, lambda: self._score_all(batch))
 

@@ -130,6 +130,8 @@ def test_engine_answers_equal_per_method_answers(tiny, tmp_path, batch_size):
     got = evaluate_all(engine, configs, select)
     assert engine.waiting_results() == 0
     engine.end_pass()
+    engine.set_method(configs[1])  # outside a pass it is kvzap_hf with one method
+    assert evaluate_all(engine, configs[1:2], lambda index, config: None) == expected[1:2]
     for config, ours, theirs in zip(configs, got, expected):
         assert ours == theirs, config
     # the first evaluation computed every method's batches; each later one took its own and nothing else
