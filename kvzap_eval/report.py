@@ -166,6 +166,7 @@ def markdown(rows: list[Row], command: str) -> str:
     lines = ["# Accuracy vs compression", "", f"Produced by: `{command}`", ""]
     average = averaged(rows)
     ns = sorted({r["n"] for r in rows})
+    grid = any(r.get("ratio") is not None for r in rows)
     lines += [
         "## Targets",
         "",
@@ -180,8 +181,9 @@ def markdown(rows: list[Row], command: str) -> str:
         "Fixed-ratio methods (random, streaming, snapkv, kvzap_adakv, kvzip_plus; setting `ratio of tau=T`) prune the"
         " context at the compression ratio KVzap-MLP achieved at tau T on the same task and length; they never prune"
         " the question or the answer, which KVzap does once they leave its window, so their overall achieved ratio is"
-        " a few points lower: they hold more of the cache than KVzap. With the setting `ratio=R` they ran at their"
-        " own compression ratio R (`sweep --ratios`). Accuracy of one task is a fraction of its n"
+        " a few points lower: they hold more of the cache than KVzap."
+        + (" With the setting `ratio=R` they ran at their own compression ratio R (`sweep --ratios`)." if grid else "")
+        + " Accuracy of one task is a fraction of its n"
         " samples" + (f" (n = {ns[0]}: steps of {100 / ns[0]:.0f} points)." if len(ns) == 1 else "."),
         "",
     ]

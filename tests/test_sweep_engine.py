@@ -182,6 +182,10 @@ def test_ratio_grid_runs_without_kvzap_and_beside_its_matched_ratios(tiny, tmp_p
     rows = run_sweep(sweep_config(tiny, tmp_path / "grid.jsonl", methods=["random"], ratios=[0.5, 0.9]))
     ratios = {row["ratio"]: row["compression_ratio"] for row in rows}
     assert ratios[0.9] > ratios[0.5] > 0.3
+    from kvzap_eval.report import markdown
+
+    text = markdown(rows, "kvzap-eval report grid.jsonl")  # each grid point is a setting of its own
+    assert "| random | ratio=0.5 | " in text and "| random | ratio=0.9 | " in text and "(`sweep --ratios`)" in text
 
 
 @pytest.mark.parametrize(
