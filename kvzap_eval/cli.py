@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": "kvzap_eval.tools.bench",
     "latency": "kvzap_eval.tools.latency",
     "sweep": "kvzap_eval.evaluation.sweep",
+    "sweep-bench": "kvzap_eval.tools.sweep_bench",
     "merge": "kvzap_eval.evaluation.sweep:merge_main",
     "report": "kvzap_eval.evaluation.report",
     "gate": "kvzap_eval.tools.gate",

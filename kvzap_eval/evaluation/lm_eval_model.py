@@ -16,7 +16,8 @@ import inspect
 import os
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ from ..errors import ConfigError
 from ..llm.embedded import resolve_pretrained
 from ..llm.loading import load_model_config
 from ..runtime.methods import MethodConfig, build_method
-from ..runtime.session import KVzapSession, compress
+from ..runtime.session import KVzapSession, ScorerTimer, compress
+from ..runtime.stats import CompressionStats
 from . import lm_eval_summary, sample_stats
 from .lm_eval_preflight import check_current_command
 from .model_args import OWN_ARGS, method_config_from_args
@@ -46,6 +48,37 @@ def _check_known(kwargs: dict) -> None:
             close = difflib.get_close_matches(name, sorted(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown model_arg {name!r} for kvzap_hf{hint}: see README 'model_args'")
+
+
+@dataclass
+class BatchResult:
+    """What one batch of requests gave: the output lm-eval gets (new tokens, or loglikelihood answers) and the
+    measurements of its cache (statistics, scorer timings), recorded when the answers are handed out."""
+
+    output: Any
+    stats: CompressionStats
+    timer: ScorerTimer
+
+
+@dataclass
+class LoglikelihoodBatch:
+    """Contexts (left-padded) and continuations (right-padded, last token left out) of a loglikelihood batch."""
+
+    context_ids: torch.Tensor
+    context_mask: torch.Tensor
+    continuation_ids: torch.Tensor
+    mask: torch.Tensor  # contexts and continuations
+    positions: torch.Tensor
+    continuations: list[list[int]]  # the target tokens of each row
+
+    @classmethod
+    def of(cls, requests, device) -> LoglikelihoodBatch:
+        """From lm-eval's (cache key, context tokens, continuation tokens) requests."""
+        contexts = [torch.tensor(c, device=device) for _, c, _ in requests]
+        ctx_ids, ctx_mask = _pad(contexts, left=True)
+        cont_ids, cont_mask = _pad([torch.tensor(c[:-1], device=device) for _, _, c in requests], left=False)
+        mask = torch.cat([ctx_mask, cont_mask], 1)
+        return cls(ctx_ids, ctx_mask, cont_ids, mask, _positions(mask), [list(c) for _, _, c in requests])
 
 
 class KVzapHFLM(HFLM):
@@ -153,14 +186,29 @@ class KVzapHFLM(HFLM):
         rows = [self._question_tokens.get(key, (0, None, None)) for key in keys]
         batch = self._prepare(context, mask, [n for n, _, _ in rows])
         budget = max_length - context.shape[1]
+        result = self._generate(batch, budget, stop, generation_kwargs)
+        self._record(result, [(key, uid, task) for key, (_, uid, task) in zip(keys, rows)])
+        return torch.cat([context, result.output], dim=1)
+
+    def _generate(self, batch: PreparedBatch, budget: int, stop, generation_kwargs: dict) -> BatchResult:
+        """The model work of one generation batch with `self.method` (the shared-prefill engine replaces it)."""
         pruned = sum(batch.prefill_chunks) or batch.input_ids.shape[1]
         if self.method.scorer is not None:
             self.method.scorer.prepare(batch.input_ids[:, :pruned], batch.attention_mask[:, :pruned])
-        with compress(self.model, self.method) as session:
-            cache = session.new_cache()
-            with torch.no_grad():
-                self._prefill(batch, cache, session.cache_kwarg)
-            pause = session.pause() if self.method.prefill_only and batch.prefill_chunks else nullcontext()
+        return self.generate_after_prefill(self.method, batch, budget, stop, generation_kwargs)
+
+    def generate_after_prefill(
+        self, method, batch: PreparedBatch, budget: int, stop, generation_kwargs: dict, cache=None
+    ) -> BatchResult:
+        """Generate `budget` tokens at most with `method`: prefill `batch`'s context blocks with pruning (or take
+        `cache`, the context already prefilled and pruned by `method`), then the rest of the prompt and the answer.
+        The method's scorer must have been prepared for the context."""
+        with compress(self.model, method) as session:
+            if cache is None:
+                cache = session.new_cache()
+                with torch.no_grad():
+                    self._prefill(batch, cache, session.cache_kwarg)
+            pause = session.pause() if method.prefill_only and batch.prefill_chunks else nullcontext()
             with pause:
                 out = super()._model_generate(
                     batch.input_ids,
@@ -170,8 +218,7 @@ class KVzapHFLM(HFLM):
                     **{session.cache_kwarg: cache},
                     **generation_kwargs,
                 )
-            self._record(session, [(key, uid, task) for key, (_, uid, task) in zip(keys, rows)])
-        return torch.cat([context, out[:, batch.input_ids.shape[1] :]], dim=1)
+            return BatchResult(out[:, batch.input_ids.shape[1] :], session.stats(), session.timer)
 
     def _prepare(self, context: torch.Tensor, mask: torch.Tensor, question_tokens: list[int]) -> PreparedBatch:
         if self.protocol == "paper" and any(question_tokens):
@@ -244,53 +291,59 @@ class KVzapHFLM(HFLM):
                     f"context {len(context)} + continuation {len(continuation)} tokens exceed max_length "
                     f"{self.max_length}: raise max_length= or shorten the input"
                 )
-        contexts = [torch.tensor(c, device=self.device) for _, c, _ in batch]
-        continuations = [torch.tensor(c[:-1], device=self.device) for _, _, c in batch]
-        ctx_ids, ctx_mask = _pad(contexts, left=True)
-        cont_ids, cont_mask = _pad(continuations, left=False)
-        mask = torch.cat([ctx_mask, cont_mask], 1)
-        positions = _positions(mask)
+        result = self._score(LoglikelihoodBatch.of(batch, self.device))
+        tasks = getattr(self, "_request_tasks", {})
+        keys = [tuple(pair) if pair else None for pair, _, _ in batch]
+        self._record(result, [(key, None, tasks.get(key)) for key in keys])
+        return result.output
+
+    def _score(self, batch: LoglikelihoodBatch) -> BatchResult:
+        """The model work of one loglikelihood batch with `self.method` (the shared-prefill engine replaces it)."""
         if self.method.scorer is not None:
-            self.method.scorer.prepare(ctx_ids, ctx_mask)
+            self.method.scorer.prepare(batch.context_ids, batch.context_mask)
         with compress(self.model, self.method) as session, torch.no_grad():
             cache = session.new_cache()
-            kwarg = {session.cache_kwarg: cache}
-            first = self.model(
-                input_ids=ctx_ids,
-                attention_mask=ctx_mask,
-                position_ids=positions[:, : ctx_ids.shape[1]],
-                use_cache=True,
-                logits_to_keep=1,
-                **kwarg,
-            ).logits[:, -1:]
-            logits = [first]
-            if cont_ids.shape[1] > 0:
-                pause = session.pause() if self.method.prefill_only else nullcontext()
-                with pause:
-                    rest = self.model(
-                        input_ids=cont_ids,
-                        attention_mask=mask,
-                        position_ids=positions[:, ctx_ids.shape[1] :],
-                        use_cache=True,
-                        **kwarg,
-                    )
-                logits.append(rest.logits)
-            tasks = getattr(self, "_request_tasks", {})
-            keys = [tuple(pair) if pair else None for pair, _, _ in batch]
-            self._record(session, [(key, None, tasks.get(key)) for key in keys])
+            first = self.prefill_context_logits(batch, cache, session.cache_kwarg)
+            return self.score_continuations(session, batch, cache, first)
+
+    def prefill_context_logits(self, batch: LoglikelihoodBatch, cache, cache_kwarg: str) -> torch.Tensor:
+        """Prefill the contexts into `cache` (inside a compress() block); the last position's logits (B, 1, V)."""
+        return self.model(
+            input_ids=batch.context_ids,
+            attention_mask=batch.context_mask,
+            position_ids=batch.positions[:, : batch.context_ids.shape[1]],
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg: cache},
+        ).logits[:, -1:]
+
+    def score_continuations(self, session: KVzapSession, batch: LoglikelihoodBatch, cache, first) -> BatchResult:
+        """Inside `session`'s compress() block: score the continuations against `cache` (the contexts prefilled and
+        pruned by the session's method; `first` their last logits). Answers: lm-eval's (log-likelihood, is greedy)."""
+        logits = [first]
+        if batch.continuation_ids.shape[1] > 0:
+            with session.pause() if session.method.prefill_only else nullcontext(), torch.no_grad():
+                rest = self.model(
+                    input_ids=batch.continuation_ids,
+                    attention_mask=batch.mask,
+                    position_ids=batch.positions[:, batch.context_ids.shape[1] :],
+                    use_cache=True,
+                    **{session.cache_kwarg: cache},
+                )
+            logits.append(rest.logits)
         logprobs = F.log_softmax(torch.cat(logits, 1).float(), dim=-1)
         answers = []
-        for row, (_, _, continuation) in enumerate(batch):
+        for row, continuation in enumerate(batch.continuations):
             target = torch.tensor(continuation, device=logprobs.device)
             row_logprobs = logprobs[row, : len(continuation)]
             total = row_logprobs.gather(1, target[:, None]).sum().item()
             answers.append((total, bool((row_logprobs.argmax(-1) == target).all())))
-        return answers
+        return BatchResult(answers, cache.stats(), session.timer)
 
     # --- statistics --------------------------------------------------------------------------------------------
-    def _record(self, session: KVzapSession, rows: list[tuple[object, str | None, str | None]]) -> None:
+    def _record(self, result: BatchResult, rows: list[tuple[object, str | None, str | None]]) -> None:
         """Record a batch; rows are (request key, sample uid, task). lm-eval's padding copies are not counted."""
-        stats = session.stats()
+        stats = result.stats
         for (_, uid, _), ratio in zip(rows, stats.per_row_achieved_compression_ratio()):
             if uid is not None:
                 sample_stats.record(uid, ratio)
@@ -308,7 +361,7 @@ class KVzapHFLM(HFLM):
             return
         if not all(keep):
             stats = stats.select_rows([row for row, kept in enumerate(keep) if kept])
-        self.run_stats.add(stats, session.timer, [task for (_, _, task), kept in zip(rows, keep) if kept])
+        self.run_stats.add(stats, result.timer, [task for (_, _, task), kept in zip(rows, keep) if kept])
 
     def get_model_info(self) -> dict:
         """HFLM's model info plus `kvzap`: the method's settings and the run's statistics over every rank (lm-eval

@@ -31,6 +31,8 @@ def _label(row: Row) -> str:
         return "full"
     if row.get("threshold") is not None:
         return f"tau={row['threshold']}"
+    if row.get("ratio") is not None:  # a fixed-ratio method on its own grid (`sweep --ratios`)
+        return f"ratio={row['ratio']}"
     return f"ratio of tau={row.get('matched_threshold')}"
 
 
@@ -39,9 +41,9 @@ def averaged(rows: list[Row]) -> list[Row]:
     tasks = {r["task"] for r in rows}
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r.get("threshold"), r.get("matched_threshold"), r["length"])].append(r)
+        groups[(r["method"], r.get("threshold"), r.get("matched_threshold"), r.get("ratio"), r["length"])].append(r)
     out = []
-    for (method, threshold, matched, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (method, threshold, matched, ratio, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if {m["task"] for m in members} != tasks:
             continue
         out.append(
@@ -49,6 +51,7 @@ def averaged(rows: list[Row]) -> list[Row]:
                 "method": method,
                 "threshold": threshold,
                 "matched_threshold": matched,
+                "ratio": ratio,
                 "length": length,
                 "task": "average",
                 "accuracy": sum(m["accuracy"] for m in members) / len(members),
@@ -163,6 +166,7 @@ def markdown(rows: list[Row], command: str) -> str:
     lines = ["# Accuracy vs compression", "", f"Produced by: `{command}`", ""]
     average = averaged(rows)
     ns = sorted({r["n"] for r in rows})
+    grid = any(r.get("ratio") is not None for r in rows)
     lines += [
         "## Targets",
         "",
@@ -177,7 +181,9 @@ def markdown(rows: list[Row], command: str) -> str:
         "Fixed-ratio methods (random, streaming, snapkv, kvzap_adakv, kvzip_plus; setting `ratio of tau=T`) prune the"
         " context at the compression ratio KVzap-MLP achieved at tau T on the same task and length; they never prune"
         " the question or the answer, which KVzap does once they leave its window, so their overall achieved ratio is"
-        " a few points lower: they hold more of the cache than KVzap. Accuracy of one task is a fraction of its n"
+        " a few points lower: they hold more of the cache than KVzap."
+        + (" With the setting `ratio=R` they ran at their own compression ratio R (`sweep --ratios`)." if grid else "")
+        + " Accuracy of one task is a fraction of its n"
         " samples" + (f" (n = {ns[0]}: steps of {100 / ns[0]:.0f} points)." if len(ns) == 1 else "."),
         "",
     ]

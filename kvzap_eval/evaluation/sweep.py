@@ -2,8 +2,13 @@
 
 The model is loaded once; each run switches the method and evaluates one (task, length). KVzap runs first, so the
 fixed-ratio methods can be run at the ratio KVzap achieved on the same (task, length): every comparison is at
-equal compression. Rows are appended and fsync'ed one by one, whole lines only (`table.py`); a rerun skips the rows
-already in the table, so an interrupted sweep loses nothing it finished. Each row carries its run identity (model,
+equal compression. With `--ratios` they also run on their own grid of compression ratios, so their curves do not
+depend on KVzap's. Two engines give the same rows: `shared-prefill` (default, `sweep_engine.py`) prefills each
+context once for all the runs of a (task, length) that can share it and derives every method's pruned cache from
+that one forward; `per-method` evaluates each run on its own.
+
+Rows are appended and fsync'ed one by one, whole lines only (`table.py`); a rerun skips the rows already in the
+table, so an interrupted sweep loses nothing it finished. Each row carries its run identity (model,
 surrogate, limit, settings, task version: `run_identity.py`), hashed into its key: a table holds one configuration,
 and a sweep into a table of another is refused, naming the field that differs.
 
@@ -25,7 +30,7 @@ from tqdm import tqdm
 from ..cli_args import OneLineParser, check_writable_file, finite_float, positive_int
 from ..errors import ConfigError
 from ..runtime.methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
-from ..settings import validate_threshold
+from ..settings import validate_ratio, validate_threshold
 from .model_args import OWN_ARGS, coerce
 from .run_identity import DTYPE, PROTOCOL, SweepIdentity, digest, sweep_identity, task_infos
 from .table import (
@@ -52,9 +57,11 @@ SWEEP_METHODS = {
     "kvzip_plus_threshold": {"method": "kvzip_plus"},  # the oracle's own scores under KVzap's threshold policy
 }
 THRESHOLD_METHODS = ("kvzap_mlp", "kvzap_linear", "kvzip_plus_threshold")
-#: Sweep methods run at the compression ratio KVzap-MLP achieved on the same task and length.
+#: Sweep methods run at the compression ratio KVzap-MLP achieved on the same task and length (and on `--ratios`).
 MATCHED_METHODS = tuple(m for m, s in SWEEP_METHODS.items() if s["method"] in FIXED_RATIO_METHODS) + ("kvzip_plus",)
 REFERENCE = "kvzap_mlp"  # the method whose achieved ratios the fixed-ratio methods are matched to
+#: How runs are evaluated (the rows are the same): one prefill per context for many runs, or each run on its own.
+ENGINES = ("shared-prefill", "per-method")
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,13 @@ class Run:
     length: int
     threshold: float | None = None
     matched_threshold: float | None = None  # fixed-ratio methods: the KVzap tau whose achieved ratio they use
+    ratio: float | None = None  # fixed-ratio methods on their own grid: the compression ratio they are set to
 
     @property
     def key(self) -> str:
         """method|setting|task|length: the run within one configuration (rows' keys add the identity's hash)."""
+        if self.ratio is not None:
+            return f"{self.method}|ratio={self.ratio}|{self.task}|{self.length}"
         setting = self.threshold if self.threshold is not None else self.matched_threshold
         return f"{self.method}|{setting}|{self.task}|{self.length}"
 
@@ -80,7 +90,7 @@ class Run:
         settings = SWEEP_METHODS[self.method]
         if settings["method"].startswith("kvzap"):
             return settings["model_type"]
-        return SWEEP_METHODS[REFERENCE]["model_type"] if self.method in MATCHED_METHODS else None
+        return SWEEP_METHODS[REFERENCE]["model_type"] if self.matched_threshold is not None else None
 
     def reference(self) -> Run | None:
         """The KVzap run whose achieved ratio this fixed-ratio run uses."""
@@ -128,6 +138,7 @@ class SweepConfig:
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     methods: list[str] = field(default_factory=lambda: ["full", "kvzap_mlp", "random", "streaming"])
     thresholds: list[float] | None = None  # None: the tau recommended for the model's MLP surrogate
+    ratios: list[float] | None = None  # fixed-ratio methods' own grid (besides KVzap's achieved ratios)
     limit: int | None = None
     include_path: str = "tasks"
     pretrained: str | None = None
@@ -136,6 +147,7 @@ class SweepConfig:
     apply_chat_template: bool = True
     model_args: dict = field(default_factory=dict)
     shard: Shard = field(default_factory=Shard)
+    engine: str = ENGINES[0]
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -151,8 +163,24 @@ class SweepConfig:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
         if unknown:
             raise ConfigError(f"unknown sweep method(s) {unknown}: choose among {', '.join(SWEEP_METHODS)}")
-        if any(m in MATCHED_METHODS for m in self.methods) and REFERENCE not in self.methods:
-            raise ConfigError(f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}")
+        self._check_ratios()
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+
+    def _check_ratios(self) -> None:
+        """`--ratios` values in [0, 1) for a method that takes them; fixed-ratio methods without a grid need KVzap."""
+        matched = [m for m in self.methods if m in MATCHED_METHODS]
+        if self.ratios is not None:
+            if not self.ratios:
+                raise ConfigError("--ratios is empty: give compression ratios in [0, 1), e.g. --ratios 0.5 0.75 0.9")
+            self.ratios = _unique([validate_ratio(r) for r in self.ratios])
+            if not matched:
+                raise ConfigError(f"--ratios applies to {', '.join(MATCHED_METHODS)}: add one of them to --methods")
+        elif matched and REFERENCE not in self.methods:
+            raise ConfigError(
+                f"fixed-ratio methods are matched to {REFERENCE}'s achieved ratios: add {REFERENCE}, or give them their"
+                " own --ratios"
+            )
 
     def _check_counts(self) -> None:
         """Tasks, lengths and methods given; lengths, limit and batch size whole numbers >= 1."""
@@ -190,7 +218,8 @@ def _default_threshold(pretrained: str | None, surrogate: str | None) -> float:
 
 
 def plan(config: SweepConfig) -> list[Run]:
-    """The runs of this shard, threshold methods first (fixed-ratio runs need their achieved ratios)."""
+    """The runs of this shard: those with a setting of their own first (threshold, full, `--ratios`), then those
+    matched to KVzap's achieved ratios (they need KVzap's rows)."""
     runs = []
     for task in config.tasks:
         for length in config.lengths:
@@ -199,11 +228,14 @@ def plan(config: SweepConfig) -> list[Run]:
                     runs += [Run(method, task, length, threshold=t) for t in config.thresholds]
                 elif method == "full":
                     runs.append(Run(method, task, length))
-    for task in config.tasks:
-        for length in config.lengths:
-            for method in config.methods:
-                if method in MATCHED_METHODS:
-                    runs += [Run(method, task, length, matched_threshold=t) for t in config.thresholds]
+                elif method in MATCHED_METHODS:
+                    runs += [Run(method, task, length, ratio=r) for r in config.ratios or ()]
+    if REFERENCE in config.methods:
+        for task in config.tasks:
+            for length in config.lengths:
+                for method in config.methods:
+                    if method in MATCHED_METHODS:
+                        runs += [Run(method, task, length, matched_threshold=t) for t in config.thresholds]
     return config.shard.select(runs)
 
 
@@ -291,6 +323,8 @@ def method_config(run: Run, done: dict[str, dict], model_args: dict) -> MethodCo
     settings = dict(SWEEP_METHODS[run.method])
     if run.threshold is not None:
         settings["threshold"] = run.threshold
+    if run.ratio is not None:
+        settings["compression_ratio"] = run.ratio
     if run.matched_threshold is not None:
         reference = done.get(Run(REFERENCE, run.task, run.length, threshold=run.matched_threshold).key)
         if reference is None:
@@ -337,12 +371,13 @@ def refuse_other_identities(output: Path, rows: list[dict], runs: list[Run], ide
 
 
 def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[dict]:
-    """Evaluate every run not already in `config.output`; returns the whole table."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    """Evaluate every run not already in `config.output` with `config.engine`; returns the whole table."""
+    return list(execute(config, runs).done.values())
 
-    from .lm_eval_model import KVzapHFLM
 
+def execute(config: SweepConfig, runs: Iterable[Run] | None = None) -> SweepState:
+    """`run_sweep`, returning the sweep's state: the whole table (`done`) and the model it loaded (None when every
+    run was already in the table)."""
     runs = list(plan(config) if runs is None else runs)
     identity = identify(config)
     planned = {row_key(run, identity): run for run in runs}
@@ -350,9 +385,34 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
     refuse_other_identities(config.output, rows, runs, identity)
     done = {row["key"]: row for row in rows}
     if all(key in done for key in planned):
-        return list(done.values())
-    pretrained = identity.pretrained
-    lm = KVzapHFLM(
+        return SweepState(config, identity, None, done, {})
+    lm = load_lm(config, identity.pretrained)
+    if lm.rank == 0:  # the only writer: torn or malformed lines go to <table>.torn before anything is appended
+        done = {row["key"]: row for row in repair_table(config.output)}
+    done = _from_rank_zero(lm, done)  # under accelerate, rank 0's table decides what is left
+    references = {row_key(ref, identity): ref for ref in filter(None, (run.reference() for run in runs))}
+    by_run = {run.key: done[key] for key, run in {**references, **planned}.items() if key in done}
+    todo = [(key, run) for key, run in planned.items() if key not in done]
+    state = SweepState(config, identity, lm, done, by_run)
+    with tqdm(total=len(todo), desc="sweep", unit="run", disable=lm.rank != 0) as state.bar:
+        if config.engine == "per-method":
+            for key, run in todo:
+                lm.set_method(state.settings(run))
+                state.evaluate(key, run)
+        else:
+            from .sweep_engine import run_shared_prefill
+
+            run_shared_prefill(state, todo)
+    return state
+
+
+def load_lm(config: SweepConfig, pretrained: str):
+    """The lm-eval model of a sweep (the engine's), loaded once; each run then sets its method."""
+    if config.engine == "per-method":
+        from .lm_eval_model import KVzapHFLM as model_class
+    else:
+        from .sweep_engine import SharedPrefillLM as model_class
+    return model_class(
         pretrained=pretrained,
         method="full",
         device=config.device,
@@ -360,18 +420,36 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
         dtype=DTYPE,
         protocol=PROTOCOL,
     )
-    if lm.rank == 0:  # the only writer: torn or malformed lines go to <table>.torn before anything is appended
-        done = {row["key"]: row for row in repair_table(config.output)}
-    done = _from_rank_zero(lm, done)  # under accelerate, rank 0's table decides what is left
-    references = {row_key(ref, identity): ref for ref in filter(None, (run.reference() for run in runs))}
-    by_run = {run.key: done[key] for key, run in {**references, **planned}.items() if key in done}
-    todo = [(key, run) for key, run in planned.items() if key not in done]
-    for key, run in tqdm(todo, desc="sweep", unit="run", disable=lm.rank != 0):
-        lm.set_method(method_config(run, by_run, config.model_args))
+
+
+@dataclass
+class SweepState:
+    """A sweep in progress: its configuration, the model, and the rows done (by row key, and by run key)."""
+
+    config: SweepConfig
+    identity: SweepIdentity
+    lm: object  # KVzapHFLM, or the engine's subclass (None: nothing was left to evaluate)
+    done: dict[str, dict]
+    by_run: dict[str, dict]
+    bar: object = None  # tqdm over the runs to evaluate
+
+    def settings(self, run: Run) -> MethodConfig:
+        """The run's method settings (a run matched to KVzap's ratio needs that KVzap row done)."""
+        return method_config(run, self.by_run, self.config.model_args)
+
+    def evaluate(self, key: str, run: Run, seconds=None) -> dict | None:
+        """Evaluate `run` with the method the model is set to, append its row (rank 0) and return it.
+
+        `seconds(wall)` turns the evaluation's wall time into the row's `seconds` (the engine attributes its shared
+        work to the runs that share it); by default the wall time itself."""
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        config, lm = self.config, self.lm
         manager = TaskManager(
             include_path=config.include_path,
             include_defaults=False,
-            metadata={"max_seq_lengths": [run.length], "pretrained": pretrained},
+            metadata={"max_seq_lengths": [run.length], "pretrained": self.identity.pretrained},
         )
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
@@ -386,27 +464,30 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[di
             torch_random_seed=0,
             fewshot_random_seed=0,
         )
+        wall = time.perf_counter() - start
         row = None
         if lm.rank == 0:
             info = lm.get_model_info()["kvzap"]
             row = {
                 **asdict(run),
                 "key": key,
-                "identity": run_identity(run, identity),
+                "identity": run_identity(run, self.identity),
                 "accuracy": accuracy_of(results["results"][run.task], run.length),
                 "n": int(results["n-samples"][run.task]["effective"]),
                 "compression_ratio": info["achieved_compression_ratio"] or 0.0,
                 "kv_bytes_fraction": info["held_kv_bytes_fraction"],  # bytes allocated / a full cache's
                 "setting_ratio": lm.method_config.compression_ratio,
-                "seconds": time.perf_counter() - start,
-                "pretrained": pretrained,
+                "seconds": seconds(wall) if seconds is not None else wall,
+                "pretrained": self.identity.pretrained,
                 "device": config.device,
                 "batch_size": config.batch_size,
                 "ranks": lm.world_size,
             }
             append_row(config.output, row)
-        done[key] = by_run[run.key] = _from_rank_zero(lm, row)
-    return list(done.values())
+        self.done[key] = self.by_run[run.key] = _from_rank_zero(lm, row)
+        if self.bar is not None:
+            self.bar.update(1)
+        return self.done[key]
 
 
 def _from_rank_zero(lm, value):
@@ -431,7 +512,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--thresholds", nargs="+", type=finite_float, default=None, help="KVzap taus (default: the surrogate's)"
     )
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        type=finite_float,
+        default=None,
+        help="compression ratios in [0, 1) at which the fixed-ratio methods also run (their own grid)",
+    )
     parser.add_argument("--limit", type=positive_int, default=None, help="samples per task and length")
+    parser.add_argument(
+        "--engine",
+        default=ENGINES[0],
+        choices=ENGINES,
+        help="shared-prefill: one prefill per context for the runs that can share it; per-method: each run on its own"
+        " (the same rows)",
+    )
     parser.add_argument("--include-path", default="tasks")
     parser.add_argument("--pretrained", default=None, help="model (default: the embedded SmolLM2)")
     parser.add_argument("--batch-size", type=positive_int, default=1)
@@ -452,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths=args.lengths,
         methods=args.methods,
         thresholds=args.thresholds,
+        ratios=args.ratios,
         limit=args.limit,
         include_path=args.include_path,
         pretrained=args.pretrained,
@@ -460,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_chat_template=not args.no_chat_template,
         model_args=parse_model_args(args.model_args),
         shard=Shard.parse(args.shard),
+        engine=args.engine,
     )
     try:
         rows = run_sweep(config)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ..errors import KVzapError
 from ..moved import warn_moved
+from . import oracle
 from .backends import ScorerBackend
 from .cache import CompactLayer
-from .oracle import context_scores
 
 
 @dataclass
@@ -141,7 +141,12 @@ class KVzipPlusScorer(Scorer):
     _scores: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def prepare(self, input_ids, attention_mask):
-        self._scores = context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus)
+        self.use_scores(oracle.context_scores(self.model, self.tokenizer, input_ids, attention_mask, plus=self.plus))
+
+    def use_scores(self, scores: list[torch.Tensor]) -> None:
+        """Take the teacher's scores of the contexts about to be prefilled (`oracle.context_scores` of them), e.g.
+        computed once and shared by several methods."""
+        self._scores = scores
 
     def score(self, call: LayerCall) -> torch.Tensor:
         token_index = call.token_index

@@ -22,8 +22,9 @@ import torch
 from ..errors import KVzapError
 from ..llm.model_info import attention_modules, check_supported
 from . import attention
-from .cache import CompactCache
+from .cache import CompactCache, CompactLayer
 from .methods import Method
+from .policies import Policy
 from .scorers import LayerCall
 from .stats import CompressionStats
 
@@ -41,6 +42,13 @@ class ScorerTimer:
     def add(self, phase: str, layer_idx: int, seconds: float) -> None:
         self.seconds[phase][layer_idx] += seconds
         self.calls[phase][layer_idx] += 1
+
+    def add_timer(self, other: ScorerTimer) -> None:
+        """Add another timer's seconds and calls (e.g. the scorer calls of a shared prefill to a session's)."""
+        for phase in self.seconds:
+            for layer_idx, (seconds, calls) in enumerate(zip(other.seconds[phase], other.calls[phase])):
+                self.seconds[phase][layer_idx] += seconds
+                self.calls[phase][layer_idx] += calls
 
     def mean_us(self) -> dict[str, list[float]]:
         return {
@@ -127,9 +135,7 @@ class KVzapSession:
         call = LayerCall(layer_idx, hidden_states, layer.new_token_index, module, kwargs, layer)
         scores = self.method.scorer.score(call)
         self.timer.add("prefill" if q > 1 else "decode", layer_idx, time.perf_counter() - start)
-        drop = policy.decide(layer, scores)
-        if drop is not None:
-            layer.evict(drop, compact=q > 1)
+        prune_layer(policy, layer, scores, q)
         return output
 
     # --- installation ------------------------------------------------------------------------------------------
@@ -162,6 +168,15 @@ class KVzapSession:
         if self._installed:
             _MODELS_IN_A_BLOCK.discard(self.model)
             self._installed = False
+
+
+def prune_layer(policy: Policy, layer: CompactLayer, scores: torch.Tensor, q: int) -> None:
+    """The step after a layer's attention: the policy decides on the layer's new `scores`, the layer evicts (and
+    compacts, after a forward of q > 1 tokens). The one place a decision is applied, for sessions and the
+    shared-prefill sweep engine alike."""
+    drop = policy.decide(layer, scores)
+    if drop is not None:
+        layer.evict(drop, compact=q > 1)
 
 
 def check_method_fits(model: torch.nn.Module, method: Method) -> None:
