@@ -1,10 +1,18 @@
 """Offline training corpus for KVzap surrogates: text shipped with Python and Debian, cut into 750-1250-token prompts.
 
-Built-in sources (no network, none of it evaluation-task data):
+Built-in sources (no network, none of it evaluation-task data; `tests/test_corpus_sources.py` checks that no
+sentence of the evaluation tasks' haystacks occurs in them):
 
 - `python-topics`: the Python Language Reference topics that `pydoc` ships (`pydoc_data.topics`; PSF licence).
 - `licenses`: the licence texts in `/usr/share/common-licenses` (Debian's `base-files`; duplicates removed by hash).
 - `python-source`: the top-level modules of the Python standard library (`*.py` in `sysconfig`'s stdlib path).
+- `python-docs`: prose: the reStructuredText sources of Python's documentation (tutorial, HOWTOs, FAQ, what's new,
+  library and reference chapters) from Debian's `python3.X-doc` (`/usr/share/doc/python3.X/html/_sources`).
+- `fortunes`: prose and verse: the quotations, jokes, poems and literature excerpts of Debian's `fortunes`
+  (`/usr/share/games/fortunes`), one document per file with the `%` separators removed; ASCII art left out.
+
+The first three exist wherever Python runs on Debian; the last two need `apt-get install python3-doc fortunes`
+(the error says so). `DEFAULT_SOURCES` are the five; `--sources` picks others.
 
 Or `--corpus PATH ...`: your own UTF-8 text files (directories are searched for .txt, .md, .rst, .py files).
 
@@ -21,6 +29,7 @@ import bisect
 import hashlib
 import os
 import random
+import re
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -30,8 +39,13 @@ from typing import Any
 
 from ..errors import CorpusError
 
-BUILTIN_SOURCES = ("python-topics", "licenses", "python-source")
+BUILTIN_SOURCES = ("python-topics", "licenses", "python-source", "python-docs", "fortunes")
+DEFAULT_SOURCES = BUILTIN_SOURCES
 LICENSES_DIR = Path("/usr/share/common-licenses")
+PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources"
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+_FORTUNES_LEFT_OUT = frozenset({"ascii-art"})  # pictures, not text
+_PYTHON_DOCS_LEFT_OUT = ("whatsnew/changelog.rst.txt", "license.rst.txt")  # a commit log; the licences source has it
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 _MARGIN = 25  # tokens kept clear of the window's edges when aiming, so stripping and re-tokenising stay inside
 
@@ -94,6 +108,48 @@ def python_source() -> list[Document]:
     return _unique([_read(p, "python-source") for p in sorted(stdlib.glob("*.py"))])
 
 
+def python_docs_dir() -> Path | None:
+    """The `_sources` folder of Debian's Python documentation, the running Python's version first."""
+    own = Path(f"/usr/share/doc/python{sys.version_info.major}.{sys.version_info.minor}/html/_sources")
+    if own.is_dir():
+        return own
+    found = sorted(Path("/").glob(PYTHON_DOCS_GLOB.lstrip("/")))
+    return found[-1] if found else None
+
+
+def python_docs() -> list[Document]:
+    """The `.rst.txt` sources of Python's documentation, sorted by path (the changelog and licence left out)."""
+    root = python_docs_dir()
+    if root is None:
+        raise CorpusError(
+            "corpus source 'python-docs' needs Python's documentation sources (/usr/share/doc/python3.X/html/_sources):"
+            " apt-get install python3-doc, or leave the source out with --sources"
+        )
+    files = [p for p in sorted(root.rglob("*.rst.txt")) if p.relative_to(root).as_posix() not in _PYTHON_DOCS_LEFT_OUT]
+    return _unique([_read(p, "python-docs") for p in files])
+
+
+def fortunes(root: Path = FORTUNES_DIR) -> list[Document]:
+    """Debian's fortune files (no index or link files, no ASCII art), entries joined by blank lines."""
+    files = (
+        sorted(p for p in root.iterdir() if p.is_file() and not p.suffix and p.name not in _FORTUNES_LEFT_OUT)
+        if root.is_dir()
+        else []
+    )
+    if not files:
+        raise CorpusError(
+            f"corpus source 'fortunes' needs Debian's fortune files in {root}: apt-get install fortunes, or leave the "
+            "source out with --sources"
+        )
+    docs = []
+    for path in files:
+        doc = _read(path, "fortunes")
+        if doc is not None:
+            entries = [e.strip("\n") for e in re.split(r"^%$", doc.text, flags=re.MULTILINE)]
+            docs.append(Document("fortunes", doc.name, "\n\n".join(e for e in entries if e.strip())))
+    return _unique(docs)
+
+
 def text_files(paths: Sequence[str | os.PathLike]) -> list[Document]:
     """Documents from user files; a directory contributes its .txt/.md/.rst/.py files, recursively, sorted."""
     files: list[Path] = []
@@ -124,7 +180,13 @@ def _check_text_file(path: Path) -> None:
 
 def builtin_documents(source: str) -> list[Document]:
     """The documents of a built-in source."""
-    loaders = {"python-topics": python_topics, "licenses": common_licenses, "python-source": python_source}
+    loaders = {
+        "python-topics": python_topics,
+        "licenses": common_licenses,
+        "python-source": python_source,
+        "python-docs": python_docs,
+        "fortunes": fortunes,
+    }
     if source not in loaders:
         raise CorpusError(f"unknown corpus source {source!r}: choose from {', '.join(BUILTIN_SOURCES)} or pass paths")
     return loaders[source]()
@@ -137,12 +199,12 @@ def builtin_documents(source: str) -> list[Document]:
 class CorpusConfig:
     """How prompts are cut and split. `files` replaces the built-in sources with the user's text files."""
 
-    sources: tuple[str, ...] = BUILTIN_SOURCES
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     files: tuple[str, ...] = ()
     min_tokens: int = 750
     max_tokens: int = 1250
-    n_train: int = 120
-    n_test_per_source: int = 4
+    n_train: int = 300
+    n_test_per_source: int = 6
     seed: int = 0
 
     def __post_init__(self) -> None:

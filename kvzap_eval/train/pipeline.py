@@ -33,7 +33,7 @@ from ..surrogate import KVzapSurrogate, save_surrogate, surrogate_config_for
 from ..surrogate.report import probe_scores, write_report
 from .calibration import Calibration, CalibrationConfig, calibrate
 from .collect import CollectConfig, CollectedData, collect, peak_rss_mb
-from .corpus import BUILTIN_SOURCES, Corpus, CorpusConfig, build_corpus
+from .corpus import BUILTIN_SOURCES, DEFAULT_SOURCES, Corpus, CorpusConfig, build_corpus
 from .fit import MLPConfig, RidgeAccumulator, squared_pearson, train_mlp
 
 TYPES = ("linear", "mlp")
@@ -306,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"your own text files/directories instead of the built-in sources ({', '.join(BUILTIN_SOURCES)})",
     )
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        choices=BUILTIN_SOURCES,
+        default=list(DEFAULT_SOURCES),
+        metavar="SOURCE",
+        help=f"built-in sources to use (default: all of {', '.join(DEFAULT_SOURCES)})",
+    )
     p.add_argument("--type", choices=["linear", "mlp", "both"], default="both", help="surrogate type(s) to train")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
@@ -368,6 +376,7 @@ def config_from_args(args: argparse.Namespace, command: str | None = None) -> Tr
         model=args.model,
         types=TYPES if args.type == "both" else (args.type,),
         corpus=CorpusConfig(
+            sources=tuple(args.sources),
             files=tuple(args.corpus or ()),
             min_tokens=args.min_tokens,
             max_tokens=args.max_tokens,
