@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "sweep-bench": "kvzap_eval.tools.sweep_bench",
     "merge": "kvzap_eval.evaluation.sweep:merge_main",
     "report": "kvzap_eval.evaluation.report",
+    "compare": "kvzap_eval.evaluation.compare",
     "gate": "kvzap_eval.tools.gate",
     "train": "kvzap_eval.train.pipeline",
 }

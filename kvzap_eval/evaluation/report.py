@@ -26,7 +26,8 @@ THREE_X = 2 / 3
 Row = dict
 
 
-def _label(row: Row) -> str:
+def setting_label(row: Row) -> str:
+    """How a row's setting reads in reports: `full`, `tau=T`, `ratio=R` or `ratio of tau=T`."""
     if row["method"] == "full":
         return "full"
     if row.get("threshold") is not None:
@@ -194,9 +195,10 @@ def markdown(rows: list[Row], command: str) -> str:
             "| method | setting | compression ratio | accuracy | n |",
             "|---|---|---|---|---|",
         ]
-        for r in sorted((r for r in average if r["length"] == length), key=lambda r: (r["method"], _label(r))):
+        for r in sorted((r for r in average if r["length"] == length), key=lambda r: (r["method"], setting_label(r))):
             lines.append(
-                f"| {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} | {100 * r['accuracy']:.1f} | {r['n']} |"
+                f"| {r['method']} | {setting_label(r)} | {r['compression_ratio']:.3f} | {100 * r['accuracy']:.1f}"
+                f" | {r['n']} |"
             )
         lines.append("")
     lines += [
@@ -205,9 +207,9 @@ def markdown(rows: list[Row], command: str) -> str:
         "| task | length | method | setting | compression ratio | accuracy | n |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], _label(r))):
+    for r in sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], setting_label(r))):
         lines.append(
-            f"| {r['task']} | {r['length']} | {r['method']} | {_label(r)} | {r['compression_ratio']:.3f} "
+            f"| {r['task']} | {r['length']} | {r['method']} | {setting_label(r)} | {r['compression_ratio']:.3f} "
             f"| {100 * r['accuracy']:.1f} | {r['n']} |"
         )
     return "\n".join(lines) + "\n"

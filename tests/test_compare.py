@@ -1,0 +1,157 @@
+"""95% intervals of table accuracies and `kvzap-eval compare` (sweep tables side by side)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from kvzap_eval.cli import main as cli_main
+from kvzap_eval.errors import ConfigError
+from kvzap_eval.evaluation.compare import (
+    common_tasks,
+    comparisons,
+    differing_identity,
+    interpolate,
+    parse_labelled,
+    points,
+    write_comparison,
+)
+from kvzap_eval.evaluation.intervals import Z95, Estimate, average_estimate, difference, task_estimate
+from kvzap_eval.evaluation.table import write_table
+
+# ------------------------------------------------------------------------------------------------ intervals
+
+
+def test_task_interval_is_the_binomial_one():
+    e = task_estimate(0.5, 100)
+    assert e.stderr == pytest.approx(0.05)
+    assert (e.low, e.high) == pytest.approx((0.5 - Z95 * 0.05, 0.5 + Z95 * 0.05))
+    assert e.points() == "50.0 ± 9.8"
+    assert task_estimate(1.0, 100).stderr == 0.0 and task_estimate(1.0, 100).low == 1.0
+    assert task_estimate(0.02, 50).low == 0.0  # clipped
+    with pytest.raises(ValueError):
+        task_estimate(0.5, 0)
+
+
+def test_bound_holds_for_partial_credit_scores():
+    """Scores in [0, 1] that are not 0/1 (recall of several needles) have a smaller spread than the bound says."""
+    rng = random.Random(0)
+    for _ in range(20):
+        scores = [rng.choice([0.0, 0.25, 0.5, 0.75, 1.0]) for _ in range(200)]
+        p = sum(scores) / len(scores)
+        sample_sd = math.sqrt(sum((s - p) ** 2 for s in scores) / (len(scores) - 1))
+        assert sample_sd / math.sqrt(len(scores)) <= task_estimate(p, len(scores)).stderr
+
+
+def test_average_of_tasks_and_difference():
+    rows = [{"accuracy": 0.5, "n": 100}, {"accuracy": 0.9, "n": 100}, {"accuracy": 1.0, "n": 100}]
+    avg = average_estimate(rows)
+    assert avg.mean == pytest.approx(0.8)
+    assert avg.stderr == pytest.approx(math.sqrt(0.25 / 100 + 0.09 / 100) / 3)
+    d = difference(Estimate(0.70, 0.01), Estimate(0.75, 0.01))
+    assert d.mean == pytest.approx(-0.05) and d.stderr == pytest.approx(math.sqrt(2) * 0.01)
+    assert d.low < d.high < 0  # a difference is not clipped to [0, 1]
+    assert d.points() == "-5.0 ± 2.8"
+    assert difference(Estimate(0.8, 0.0), Estimate(0.7, 0.0)).points() == "+10.0 ± 0.0"
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def _row(method, task, accuracy, ratio, threshold=None, surrogate="old", n=100, length=1024):
+    identity = {"identity_version": 2, "model": "m", "limit": n}
+    if method != "full":
+        identity["surrogate"] = surrogate
+    return {
+        "key": f"{method}|{threshold}|{task}|{length}",
+        "method": method,
+        "threshold": threshold,
+        "matched_threshold": None,
+        "ratio": None,
+        "task": task,
+        "length": length,
+        "n": n,
+        "accuracy": accuracy,
+        "compression_ratio": ratio,
+        "identity": identity,
+    }
+
+
+@pytest.fixture
+def tables(tmp_path):
+    old = [_row("full", t, 0.9, 0.0) for t in ("a", "b")]
+    old += [
+        _row("kvzap_mlp", t, acc, ratio, tau)
+        for t in ("a", "b")
+        for tau, acc, ratio in ((-4, 0.9, 0.50), (-3, 0.8, 0.60), (-2, 0.6, 0.70))
+    ]
+    new = [
+        _row("kvzap_mlp", t, acc, ratio, tau, surrogate="new")
+        for t in ("a", "b")
+        for tau, acc, ratio in ((-4, 0.9, 0.55), (-3, 0.85, 0.65), (-2, 0.5, 0.75))
+    ]
+    new.append(_row("kvzap_mlp", "a", 0.4, 0.8, -1, surrogate="new"))  # only one task: left out of averages
+    new.append(_row("kvzap_mlp", "c", 0.1, 0.6, -3, surrogate="new"))  # a task the old table lacks
+    write_table(tmp_path / "old.jsonl", old)
+    write_table(tmp_path / "new.jsonl", new)
+    return tmp_path
+
+
+def _loaded(tmp_path):
+    from kvzap_eval.evaluation.table import load_table
+
+    return [("old", load_table(tmp_path / "old.jsonl")), ("new", load_table(tmp_path / "new.jsonl"))]
+
+
+def test_points_average_the_common_tasks_and_name_what_is_left_out(tables):
+    data = _loaded(tables)
+    assert common_tasks(data, 1024) == ["a", "b"]
+    pts, notes = points(data)
+    names = sorted((p.curve.name, p.setting) for p in pts)
+    assert ("full", "full") in names and ("new kvzap_mlp", "tau=-3") in names and ("old kvzap_mlp", "tau=-2") in names
+    assert ("new kvzap_mlp", "tau=-1") not in names
+    assert any("new kvzap_mlp tau=-1 at 1024 left out: no row for b" in n for n in notes)
+    new3 = next(p for p in pts if p.curve.name == "new kvzap_mlp" and p.setting == "tau=-3")
+    assert new3.accuracy.mean == pytest.approx(0.85)  # task c is not in the old table: not averaged
+    assert new3.compression == pytest.approx(0.65)
+    assert differing_identity(data) == ["surrogate"]
+
+
+def test_same_setting_and_equal_compression_differences(tables):
+    pts, _ = points(_loaded(tables))
+    by = {(c["point"].curve.name, c["point"].setting): c for c in comparisons(pts, "old")}
+    c = by[("new kvzap_mlp", "tau=-3")]
+    assert c["same_setting"].mean == pytest.approx(0.05)
+    # old curve at 0.65: halfway between (0.60, 0.80) and (0.70, 0.60) -> 0.70; new is 0.85 there
+    assert c["equal_compression"].mean == pytest.approx(0.15)
+    assert by[("new kvzap_mlp", "tau=-2")]["equal_compression"] is None  # 0.75 is beyond the old curve's 0.70
+    old_line = [p for p in pts if p.curve.name == "old kvzap_mlp"]
+    assert interpolate(old_line, 0.45) is None and interpolate(old_line, 0.5).mean == pytest.approx(0.9)
+
+
+def test_compare_writes_readme_and_plot(tables):
+    pytest.importorskip("matplotlib")
+    out = tables / "cmp"
+    path = write_comparison(parse_labelled([f"old={tables / 'old.jsonl'}", f"new={tables / 'new.jsonl'}"]), out, "c")
+    text = path.read_text()
+    assert "They differ in: surrogate." in text
+    assert "| new kvzap_mlp | tau=-3 | 0.650 (0.600) | +5.0 ± " in text
+    assert "| not worse |" in text or "| better |" in text
+    assert (out / "average_1024.png").stat().st_size > 1000
+    assert "new kvzap_mlp tau=-1 at 1024 left out" in text
+
+
+def test_compare_cli_errors_are_one_line(tables, capsys):
+    assert cli_main(["compare", f"old={tables / 'old.jsonl'}", "--out", str(tables / "x")]) == 1
+    assert "compare needs at least two tables" in capsys.readouterr().err
+    assert cli_main(["compare", str(tables / "old.jsonl"), "b=c", "--out", str(tables / "x")]) == 1
+    assert "is not LABEL=TABLE" in capsys.readouterr().err
+    old, new, out = f"a={tables / 'old.jsonl'}", f"a={tables / 'new.jsonl'}", str(tables / "x")
+    assert cli_main(["compare", old, new, "--out", out]) == 1
+    assert "given twice" in capsys.readouterr().err
+    assert cli_main(["compare", old, f"b={tables / 'nope.jsonl'}", "--out", out]) == 1
+    assert "no table at" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        parse_labelled(["=x", "b=y"])
