@@ -13,6 +13,7 @@ from kvzap_eval.evaluation.compare import (
     common_tasks,
     comparisons,
     differing_identity,
+    highest_within_full,
     interpolate,
     parse_labelled,
     points,
@@ -129,6 +130,15 @@ def test_same_setting_and_equal_compression_differences(tables):
     assert by[("new kvzap_mlp", "tau=-2")]["equal_compression"] is None  # 0.75 is beyond the old curve's 0.70
     old_line = [p for p in pts if p.curve.name == "old kvzap_mlp"]
     assert interpolate(old_line, 0.45) is None and interpolate(old_line, 0.5).mean == pytest.approx(0.9)
+
+
+def test_highest_compression_within_one_point_of_full(tables):
+    pts, _ = points(_loaded(tables))
+    frontier = {p.curve.name: (p.setting, below) for p, below in highest_within_full(pts, 1024)}
+    assert frontier["old kvzap_mlp"][0] == "tau=-4"  # 0.90 = full; tau=-3 is 10 points below
+    assert frontier["new kvzap_mlp"][0] == "tau=-4"
+    assert frontier["old kvzap_mlp"][1].mean == pytest.approx(0.0)
+    assert highest_within_full([p for p in pts if p.curve.method != "full"], 1024) == []
 
 
 def test_compare_writes_readme_and_plot(tables):

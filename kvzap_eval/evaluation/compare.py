@@ -150,6 +150,25 @@ def comparisons(all_points: list[Point], reference: str) -> list[dict]:
     return out
 
 
+def highest_within_full(
+    all_points: list[Point], length: int, points_below: float = 1.0
+) -> list[tuple[Point, Estimate]]:
+    """For each curve at `length`: its most compressed setting whose average accuracy is at most `points_below`
+    points under the full cache's, with its difference to the full cache (95%). Curves with no such setting are left
+    out; empty without a full-cache point."""
+    full = next((p for p in all_points if p.length == length and p.curve.method == "full"), None)
+    if full is None:
+        return []
+    best: dict[Curve, Point] = {}
+    for p in all_points:
+        if p.length != length or p.curve.method == "full":
+            continue
+        if p.accuracy.mean >= full.accuracy.mean - points_below / 100 - 1e-12:
+            if p.curve not in best or p.compression > best[p.curve].compression:
+                best[p.curve] = p
+    return [(p, difference(p.accuracy, full.accuracy)) for _, p in sorted(best.items(), key=lambda kv: kv[0].name)]
+
+
 def differing_identity(tables: list[tuple[str, list[dict]]]) -> list[str]:
     """The identity fields whose values differ between the tables (e.g. `surrogate`)."""
     fields = [identity_fields(r for r in rows if r["method"] != "full") for _, rows in tables]
@@ -181,6 +200,20 @@ def markdown(tables: list[tuple[str, list[dict]]], command: str) -> str:
         lines += ["| curve | setting | compression | accuracy (95%) | n per task |", "|---|---|---|---|---|"]
         for p in sorted((p for p in all_points if p.length == length), key=lambda p: (p.curve.name, p.compression)):
             lines.append(f"| {p.curve.name} | {p.setting} | {p.compression:.3f} | {p.accuracy.points()} | {p.n_min} |")
+        frontier = highest_within_full(all_points, length)
+        if frontier:
+            lines += [
+                "",
+                "Highest compression within 1 point of the full cache (average; the difference's 95% interval):",
+                "",
+                "| curve | setting | compression | x | accuracy (95%) | minus full (95%) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for p, below in frontier:
+                lines.append(
+                    f"| {p.curve.name} | {p.setting} | {p.compression:.3f} | {1 / (1 - p.compression):.1f}x"
+                    f" | {p.accuracy.points()} | {below.points()} |"
+                )
         rows = [c for c in comparisons(all_points, reference) if c["point"].length == length]
         if rows:
             lines += [
