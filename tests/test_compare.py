@@ -9,16 +9,8 @@ import pytest
 
 from kvzap_eval.cli import main as cli_main
 from kvzap_eval.errors import ConfigError
-from kvzap_eval.evaluation.compare import (
-    common_tasks,
-    comparisons,
-    differing_identity,
-    highest_within_full,
-    interpolate,
-    parse_labelled,
-    points,
-    write_comparison,
-)
+from kvzap_eval.evaluation.compare import comparisons, differing_identity, parse_labelled, write_comparison
+from kvzap_eval.evaluation.curves import common_tasks, highest_within_full, interpolate, points
 from kvzap_eval.evaluation.intervals import Z95, Estimate, average_estimate, difference, task_estimate
 from kvzap_eval.evaluation.table import write_table
 
@@ -165,3 +157,15 @@ def test_compare_cli_errors_are_one_line(tables, capsys):
     assert "no table at" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         parse_labelled(["=x", "b=y"])
+
+
+def test_report_gives_intervals_and_the_highest_compression_within_one_point(tables):
+    from kvzap_eval.evaluation.report import markdown
+    from kvzap_eval.evaluation.table import load_table
+
+    text = markdown(load_table(tables / "old.jsonl"), "r")
+    # full: 0.9 on two tasks of n = 100 -> 1.96 * sqrt(2 * 0.09 / 100) / 2 = 4.2 points
+    assert "| full | full | 0.000 | 90.0 | 4.2 | 200 |" in text
+    assert "| kvzap_mlp | tau=-4 | 0.500 | 2.0x | 90.0 ± 4.2 | +0.0 ± 5.9 |" in text
+    worse = [r for r in load_table(tables / "old.jsonl") if r.get("threshold") != -4]
+    assert "No setting stays within 1 point of the full cache at 1024" in markdown(worse, "r")

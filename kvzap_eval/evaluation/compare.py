@@ -15,39 +15,14 @@ from __future__ import annotations
 import shlex
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
-from .intervals import Estimate, average_estimate, difference, task_estimate
-from .report import setting_label
+from .curves import Curve, Point, common_tasks, groups, highest_within_full, interpolate, points
+from .intervals import Estimate, difference, task_estimate
 from .table import identity_fields, load_table
-
-
-@dataclass(frozen=True)
-class Curve:
-    """One (table label, method) curve; the full cache is one curve whichever table holds it."""
-
-    label: str
-    method: str
-
-    @property
-    def name(self) -> str:
-        return "full" if self.method == "full" else f"{self.label} {self.method}"
-
-
-@dataclass(frozen=True)
-class Point:
-    """One setting of a curve at one length, averaged over the length's common tasks."""
-
-    curve: Curve
-    setting: str
-    length: int
-    compression: float
-    accuracy: Estimate
-    n_min: int
 
 
 def parse_labelled(specs: list[str]) -> list[tuple[str, Path]]:
@@ -65,67 +40,10 @@ def parse_labelled(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def _groups(tables: list[tuple[str, list[dict]]]) -> dict[tuple[Curve, str, int], dict[str, dict]]:
-    """(curve, setting, length) -> task -> row; the full cache is taken from the first table that has it."""
-    groups: dict[tuple[Curve, str, int], dict[str, dict]] = defaultdict(dict)
-    for label, rows in tables:
-        for row in rows:
-            curve = Curve(label, row["method"])
-            key = (Curve("", "full") if row["method"] == "full" else curve, setting_label(row), row["length"])
-            groups[key].setdefault(row["task"], row)
-    return groups
-
-
-def common_tasks(tables: list[tuple[str, list[dict]]], length: int) -> list[str]:
-    """The tasks every table measured at `length`."""
-    sets = [{r["task"] for r in rows if r["length"] == length} for _, rows in tables]
-    return sorted(set.intersection(*sets)) if sets else []
-
-
-def points(tables: list[tuple[str, list[dict]]]) -> tuple[list[Point], list[str]]:
-    """Every (curve, setting, length) averaged over the length's common tasks, and notes on what was left out."""
-    out, notes = [], []
-    lengths = sorted({r["length"] for _, rows in tables for r in rows})
-    for (curve, setting, length), by_task in sorted(_groups(tables).items(), key=lambda kv: str(kv[0])):
-        if length not in lengths:
-            continue
-        tasks = common_tasks(tables, length)
-        missing = [t for t in tasks if t not in by_task]
-        if not tasks or missing:
-            notes.append(f"{curve.name} {setting} at {length} left out: no row for {', '.join(missing) or 'any task'}")
-            continue
-        rows = [by_task[t] for t in tasks]
-        out.append(
-            Point(
-                curve,
-                setting,
-                length,
-                sum(r["compression_ratio"] for r in rows) / len(rows),
-                average_estimate(rows),
-                min(r["n"] for r in rows),
-            )
-        )
-    return out, notes
-
-
 def _verdict(delta: Estimate) -> str:
     if delta.high < 0:
         return "worse"
     return "better" if delta.low > 0 else "not worse"
-
-
-def interpolate(curve: list[Point], compression: float) -> Estimate | None:
-    """The curve's accuracy at `compression` (linear between its two neighbouring points), None outside its range."""
-    curve = sorted(curve, key=lambda p: p.compression)
-    for a, b in zip(curve, curve[1:]):
-        if a.compression <= compression <= b.compression:
-            span = b.compression - a.compression
-            w = 0.0 if span == 0 else (compression - a.compression) / span
-            mean = (1 - w) * a.accuracy.mean + w * b.accuracy.mean
-            return Estimate(mean, (1 - w) * a.accuracy.stderr + w * b.accuracy.stderr)
-    if len(curve) == 1 and curve[0].compression == compression:
-        return curve[0].accuracy
-    return None
 
 
 def comparisons(all_points: list[Point], reference: str) -> list[dict]:
@@ -148,25 +66,6 @@ def comparisons(all_points: list[Point], reference: str) -> list[dict]:
             }
         )
     return out
-
-
-def highest_within_full(
-    all_points: list[Point], length: int, points_below: float = 1.0
-) -> list[tuple[Point, Estimate]]:
-    """For each curve at `length`: its most compressed setting whose average accuracy is at most `points_below`
-    points under the full cache's, with its difference to the full cache (95%). Curves with no such setting are left
-    out; empty without a full-cache point."""
-    full = next((p for p in all_points if p.length == length and p.curve.method == "full"), None)
-    if full is None:
-        return []
-    best: dict[Curve, Point] = {}
-    for p in all_points:
-        if p.length != length or p.curve.method == "full":
-            continue
-        if p.accuracy.mean >= full.accuracy.mean - points_below / 100 - 1e-12:
-            if p.curve not in best or p.compression > best[p.curve].compression:
-                best[p.curve] = p
-    return [(p, difference(p.accuracy, full.accuracy)) for _, p in sorted(best.items(), key=lambda kv: kv[0].name)]
 
 
 def differing_identity(tables: list[tuple[str, list[dict]]]) -> list[str]:
@@ -235,7 +134,7 @@ def markdown(tables: list[tuple[str, list[dict]]], command: str) -> str:
         lines.append("")
     lines += ["## Per task", "", "| task | length | curve | setting | compression | accuracy (95%) | n |"]
     lines.append("|---|---|---|---|---|---|---|")
-    for (curve, setting, length), by_task in sorted(_groups(tables).items(), key=lambda kv: str(kv[0])):
+    for (curve, setting, length), by_task in sorted(groups(tables).items(), key=lambda kv: str(kv[0])):
         for task, r in sorted(by_task.items()):
             est = task_estimate(r["accuracy"], r["n"])
             lines.append(

@@ -17,6 +17,8 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
+from .curves import highest_within_full, points, setting_label
+from .intervals import Estimate, average_estimate, task_estimate
 from .table import identity_groups, load_table
 
 #: The targets of issue #6 (paper: 2-4x compression with negligible loss): KVzap-MLP at >= 3x within 2 points of
@@ -24,17 +26,6 @@ from .table import identity_groups, load_table
 THREE_X = 2 / 3
 
 Row = dict
-
-
-def setting_label(row: Row) -> str:
-    """How a row's setting reads in reports: `full`, `tau=T`, `ratio=R` or `ratio of tau=T`."""
-    if row["method"] == "full":
-        return "full"
-    if row.get("threshold") is not None:
-        return f"tau={row['threshold']}"
-    if row.get("ratio") is not None:  # a fixed-ratio method on its own grid (`sweep --ratios`)
-        return f"ratio={row['ratio']}"
-    return f"ratio of tau={row.get('matched_threshold')}"
 
 
 def averaged(rows: list[Row]) -> list[Row]:
@@ -58,9 +49,39 @@ def averaged(rows: list[Row]) -> list[Row]:
                 "accuracy": sum(m["accuracy"] for m in members) / len(members),
                 "compression_ratio": sum(m["compression_ratio"] for m in members) / len(members),
                 "n": sum(m["n"] for m in members),
+                "accuracy_stderr": average_estimate(members).stderr,
             }
         )
     return out
+
+
+def estimate_of(row: Row) -> Estimate:
+    """A row's accuracy with its standard error: an averaged row carries it, a task row's comes from its n."""
+    if "accuracy_stderr" in row:
+        return Estimate(row["accuracy"], row["accuracy_stderr"])
+    return task_estimate(row["accuracy"], row["n"])
+
+
+def frontier_lines(rows: list[Row], length: int) -> list[str]:
+    """The summary no single setting shows: each method's highest compression within 1 point of the full cache."""
+    here = [r for r in rows if r["length"] == length]
+    found = highest_within_full(points([("", here)])[0], length)
+    if not found:
+        has_full = any(r["method"] == "full" for r in here)
+        return [f"No setting stays within 1 point of the full cache at {length} (on average).", ""] if has_full else []
+    lines = [
+        f"Highest compression whose {len({r['task'] for r in rows})}-task average stays within 1 point of the full"
+        f" cache at {length} (95% intervals):",
+        "",
+        "| method | setting | compression ratio | x | accuracy | minus full |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p, below in found:
+        lines.append(
+            f"| {p.curve.method} | {p.setting} | {p.compression:.3f} | {1 / (1 - p.compression):.1f}x"
+            f" | {p.accuracy.points()} | {below.points()} |"
+        )
+    return [*lines, ""]
 
 
 def _runs(rows: list[Row], length: int, method: str, **setting) -> dict[str, Row]:
@@ -192,25 +213,26 @@ def markdown(rows: list[Row], command: str) -> str:
         lines += [
             f"## Context length {length} (average over {len({r['task'] for r in rows})} tasks)",
             "",
-            "| method | setting | compression ratio | accuracy | n |",
-            "|---|---|---|---|---|",
+            "| method | setting | compression ratio | accuracy | ± 95% | n |",
+            "|---|---|---|---|---|---|",
         ]
         for r in sorted((r for r in average if r["length"] == length), key=lambda r: (r["method"], setting_label(r))):
             lines.append(
                 f"| {r['method']} | {setting_label(r)} | {r['compression_ratio']:.3f} | {100 * r['accuracy']:.1f}"
-                f" | {r['n']} |"
+                f" | {100 * estimate_of(r).half_width:.1f} | {r['n']} |"
             )
         lines.append("")
+        lines += frontier_lines(rows, length)
     lines += [
         "## Per task",
         "",
-        "| task | length | method | setting | compression ratio | accuracy | n |",
-        "|---|---|---|---|---|---|---|",
+        "| task | length | method | setting | compression ratio | accuracy | ± 95% | n |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], setting_label(r))):
         lines.append(
             f"| {r['task']} | {r['length']} | {r['method']} | {setting_label(r)} | {r['compression_ratio']:.3f} "
-            f"| {100 * r['accuracy']:.1f} | {r['n']} |"
+            f"| {100 * r['accuracy']:.1f} | {100 * estimate_of(r).half_width:.1f} | {r['n']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -229,12 +251,15 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         members.sort(key=lambda r: r["compression_ratio"])
         xs = [r["compression_ratio"] for r in members]
         ys = [100 * r["accuracy"] for r in members]
+        estimates = [estimate_of(r) for r in members]
+        err = [[100 * (e.mean - e.low) for e in estimates], [100 * (e.high - e.mean) for e in estimates]]
         if method == "full":
-            axis.axhline(ys[0], color="black", linestyle="--", label="full cache")
+            axis.axhspan(100 * estimates[0].low, 100 * estimates[0].high, color="grey", alpha=0.2)
+            axis.axhline(ys[0], color="black", linestyle="--", label="full cache (95% band)")
         else:
-            axis.plot(xs, ys, marker="o", label=method)
+            axis.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
     axis.set_xlabel("compression ratio (fraction of KV entries evicted)")
-    axis.set_ylabel("accuracy (%)")
+    axis.set_ylabel("accuracy (%), 95% intervals")
     axis.set_title(title)
     axis.set_ylim(-2, 102)
     axis.grid(alpha=0.3)
