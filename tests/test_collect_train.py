@@ -4,13 +4,14 @@ and the surrogates shipped for the embedded SmolLM2."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kvzap_eval.errors import CorpusError, OutputDirError
+from kvzap_eval.errors import ConfigError, CorpusError, OutputDirError
 from kvzap_eval.runtime.methods import MethodConfig, build_method
 from kvzap_eval.runtime.session import compress
 from kvzap_eval.surrogate import (
@@ -33,7 +34,14 @@ from kvzap_eval.train.fit import (
     train_mlp,
     validation_split,
 )
-from kvzap_eval.train.pipeline import TrainConfig, main, prepare_output, train_surrogates
+from kvzap_eval.train.pipeline import (
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    main,
+    prepare_output,
+    train_surrogates,
+)
 
 from .conftest import tiny_model
 from .test_teacher import word_tokenizer, words
@@ -294,6 +302,7 @@ def test_one_command_writes_hub_layout_checkpoints_and_report(tmp_path, tiny_mod
         assert r["surrogate_type"] == kind
         assert len(r["r2"]["per_layer"]) == 2 and len(r["r2"]["per_layer_head"][0]) == 2
         assert r["r2"]["overall"] == pytest.approx(np.mean(r["r2"]["per_layer_head"]), abs=1e-3)
+        assert list(r["r2"]["per_source"]) == ["files"] and 0 <= r["r2"]["per_source"]["files"] <= 1
         assert [row["threshold"] for row in r["calibration"]["table"]] == list(range(-9, 0))
         ratios = [row["compression_ratio"] for row in r["calibration"]["table"]]
         assert ratios == sorted(ratios)  # a higher tau never evicts less
@@ -311,6 +320,60 @@ def test_one_command_writes_hub_layout_checkpoints_and_report(tmp_path, tiny_mod
     again = train_surrogates(config)
     assert again.report["collection"]["seconds_this_run"] < report["collection"]["seconds_this_run"] + 60
     assert again.report["surrogates"]["linear"]["r2"] == report["surrogates"]["linear"]["r2"]
+
+
+def test_mlp_width_and_learning_rate_grid_chosen_per_layer_by_validation(tmp_path, tiny_model_dir):
+    files = write_corpus(tmp_path / "corpus")
+    grid = (3e-2, 1e-4)
+    config = TrainConfig(
+        out=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        types=("mlp",),
+        corpus=CorpusConfig(files=(str(files),), n_train=4, **SMALL),
+        collect=CollectConfig(tokens_per_prompt=20),
+        mlp=MLPConfig(epochs=2, batch_size=16, val_fraction=0.25),
+        mlp_hidden_dim=5,
+        mlp_lr_grid=grid,
+        calibration=CalibrationConfig(window=16),
+        progress=False,
+    )
+    report = train_surrogates(config).report["surrogates"]["mlp"]
+    directory = tmp_path / "out" / "KVzap-mlp-Tiny-Llama"
+    assert load_surrogate(directory).config.hidden_dim == 5 == report["training"]["hidden_dim"]
+    assert report["training"]["lr_grid"] == list(grid) and report["training"]["lr"] is None
+    data = CollectedData(tmp_path / "out" / "data")
+    prompts = data.rows("train") // data.k
+    for layer, kept in enumerate(report["training"]["losses_per_layer"]):
+        # the kept rate is the one whose own run reaches the lowest validation MSE on this layer
+        vals = {}
+        for lr in grid:
+            _, history = train_mlp(
+                data.x(layer, "train"), data.y("train", layer), 5, replace(config.mlp, lr=lr), prompts
+            )
+            vals[lr] = history.val_loss[(history.best_epoch or len(history.val_loss)) - 1]
+        assert kept["lr"] == min(vals, key=vals.get)
+        assert kept["val_mse"] == pytest.approx(vals[kept["lr"]], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"mlp_hidden_dim": 0}, "--hidden-dim must be >= 1"),
+        ({"mlp_lr_grid": (1e-3, float("nan"))}, "every --lr must be a finite number"),
+        ({"mlp_lr_grid": (1e-3, 1e-4), "mlp": MLPConfig(val_fraction=0)}, "keep a validation split"),
+    ],
+)
+def test_bad_mlp_width_or_learning_rate_grid_is_refused(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(out=str(tmp_path / "out"), **changes)
+
+
+def test_cli_takes_a_learning_rate_grid_and_a_width(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path), "--lr", "2e-3", "1e-3", "--hidden-dim", "144"])
+    config = config_from_args(args)
+    assert config.mlp_lr_grid == (2e-3, 1e-3) and config.mlp.lr == 2e-3 and config.mlp_hidden_dim == 144
+    single = config_from_args(build_parser().parse_args(["--out", str(tmp_path), "--lr", "1e-3"]))
+    assert single.mlp_lr_grid == () and single.mlp.lr == 1e-3 and single.mlp_hidden_dim is None
 
 
 def test_recommended_threshold_is_none_without_a_report(tmp_path):

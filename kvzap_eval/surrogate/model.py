@@ -184,11 +184,14 @@ def _model_dims(model_config: Any) -> dict[str, tuple[str, int]]:
     }
 
 
-def surrogate_config_for(model_config: Any, model_type: str = "mlp") -> SurrogateConfig:
-    """The surrogate shapes for an LLM config (MLP hidden width = hidden_size // 8, as kvpress trains them)."""
+def surrogate_config_for(model_config: Any, model_type: str = "mlp", hidden_dim: int | None = None) -> SurrogateConfig:
+    """The surrogate shapes for an LLM config (MLP hidden width `hidden_dim`, by default hidden_size // 8 as kvpress
+    trains them; a linear surrogate has none)."""
     _check_model_type(model_type)
+    if hidden_dim is not None and (model_type != "mlp" or hidden_dim < 1):
+        raise ConfigError(f"hidden_dim={hidden_dim} applies to an MLP surrogate only, and must be >= 1")
     dims = {field: value for field, (_, value) in _model_dims(model_config).items()}
-    hidden = max(1, dims["input_dim"] // 8) if model_type == "mlp" else None
+    hidden = (hidden_dim or max(1, dims["input_dim"] // 8)) if model_type == "mlp" else None
     return SurrogateConfig(hidden_dim=hidden, **dims)
 
 

@@ -18,7 +18,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class TrainConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    mlp_hidden_dim: int | None = None  # None: hidden_size // 8 (kvpress)
+    mlp_lr_grid: tuple[float, ...] = ()  # several: each layer keeps the one with the lowest validation MSE
     ridge_alpha: float = 1.0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     dtype: str = "float32"
@@ -66,6 +68,12 @@ class TrainConfig:
         if self.resume and self.force:
             raise ConfigError("--resume and --force exclude each other: pick one")
         as_torch_dtype(self.dtype)
+        if self.mlp_hidden_dim is not None and self.mlp_hidden_dim < 1:
+            raise ConfigError(f"--hidden-dim must be >= 1, got {self.mlp_hidden_dim}")
+        if any(not (math.isfinite(lr) and lr > 0) for lr in self.mlp_lr_grid):
+            raise ConfigError(f"every --lr must be a finite number above 0, got {list(self.mlp_lr_grid)}")
+        if len(self.mlp_lr_grid) > 1 and self.mlp.val_fraction == 0:
+            raise ConfigError("several --lr values are chosen by validation loss: keep a validation split")
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
             raise ConfigError(f"ridge alpha must be a finite number above 0, got {self.ridge_alpha}")
 
@@ -141,27 +149,41 @@ def fit_linear(data: CollectedData, model_config: Any, alpha: float, progress: b
 
 
 def fit_mlp(
-    data: CollectedData, model_config: Any, config: MLPConfig, progress: bool
+    data: CollectedData,
+    model_config: Any,
+    config: MLPConfig,
+    progress: bool,
+    hidden_dim: int | None = None,
+    lr_grid: tuple[float, ...] = (),
 ) -> tuple[KVzapSurrogate, list[dict[str, float]]]:
-    """The MLP recipe, one layer at a time; returns the surrogate and each layer's final losses."""
-    surrogate = KVzapSurrogate(surrogate_config_for(model_config, "mlp"))
+    """The MLP recipe, one layer at a time; returns the surrogate and each layer's final losses.
+
+    With several learning rates in `lr_grid`, each layer is trained with each and keeps the one whose validation MSE
+    (whole held-out training prompts, never the test prompts) is lowest.
+    """
+    surrogate = KVzapSurrogate(surrogate_config_for(model_config, "mlp", hidden_dim))
     y_all = data.y("train")
     prompts = data.rows("train") // data.k  # the validation split holds out whole prompts
     losses = []
     for layer in _layers(data.num_layers, "mlp", progress):
-        hidden = surrogate.config.hidden_dim
-        mlp, history = train_mlp(data.x(layer, "train"), y_all[:, layer], hidden, config, groups=prompts)
-        if not all(torch.isfinite(p).all() for p in mlp.parameters()):
-            raise ConfigError(
-                f"MLP training of layer {layer} diverged (non-finite weights): lower --lr (now {config.lr})"
-            )
+        x = data.x(layer, "train")
+        best = None
+        for lr in lr_grid or (config.lr,):
+            mlp, history = train_mlp(x, y_all[:, layer], surrogate.config.hidden_dim, replace(config, lr=lr), prompts)
+            if not all(torch.isfinite(p).all() for p in mlp.parameters()):
+                raise ConfigError(f"MLP training of layer {layer} diverged (non-finite weights): lower --lr (now {lr})")
+            epoch = history.best_epoch or len(history.train_loss)
+            val = history.val_loss[epoch - 1]
+            if best is None or val < best[0]:
+                best = (val, lr, epoch, history, mlp)
+        _, lr, epoch, history, mlp = best
         surrogate.layers[layer].load_state_dict(mlp.state_dict())
-        epoch = history.best_epoch or len(history.train_loss)
         losses.append(
             {
                 "epoch_kept": epoch,
                 "train_mse": round(history.train_loss[epoch - 1], 5),
                 "val_mse": round(history.val_loss[epoch - 1], 5),
+                **({"lr": lr} if len(lr_grid) > 1 else {}),
             }
         )
     return surrogate.eval(), losses
@@ -169,18 +191,25 @@ def fit_mlp(
 
 @torch.no_grad()
 def held_out_r2(surrogate: KVzapSurrogate, data: CollectedData) -> dict[str, Any]:
-    """Squared Pearson per (layer, head) on the test prompts: overall mean, per-layer means, the full table."""
+    """Squared Pearson per (layer, head) on the test prompts: overall mean, per-layer means, the full table, and the
+    overall mean on each corpus source's test prompts alone."""
     y_test = data.y("test")
-    table = []
+    source_of = {p["index"]: p.get("source", "?") for p in data.manifest["prompts"]}
+    row_source = np.repeat([source_of[i] for i in data.prompts["test"]], data.k)
+    table, per_source = [], {name: [] for name in dict.fromkeys(row_source)}
     for layer in range(data.num_layers):
         x = torch.from_numpy(data.x(layer, "test"))
         pred = surrogate.layers[layer](x.to(next(surrogate.parameters()).dtype)).float().numpy()
         table.append(squared_pearson(y_test[:, layer], pred))
+        for name, values in per_source.items():
+            rows = row_source == name
+            values.append(squared_pearson(y_test[rows, layer], pred[rows]))
     r2 = np.stack(table)
     return {
         "overall": round(float(r2.mean()), 4),
         "per_layer": [round(float(v), 4) for v in r2.mean(1)],
         "per_layer_head": [[round(float(v), 4) for v in row] for row in r2],
+        "per_source": {name: round(float(np.mean(values)), 4) for name, values in per_source.items()},
         "n_test_rows": int(y_test.shape[0]),
     }
 
@@ -239,10 +268,14 @@ def train_surrogates(config: TrainConfig) -> TrainResult:
             surrogates[kind] = fit_linear(data, model.config, config.ridge_alpha, config.progress)
             fits[kind] = {"method": "ridge per layer, closed form", "alpha": config.ridge_alpha}
         else:
-            surrogates[kind], losses = fit_mlp(data, model.config, config.mlp, config.progress)
+            surrogates[kind], losses = fit_mlp(
+                data, model.config, config.mlp, config.progress, config.mlp_hidden_dim, config.mlp_lr_grid
+            )
             fits[kind] = {
                 "method": "MLP per layer, validation = 5% of the training prompts",
                 **asdict(config.mlp),
+                **({"lr_grid": list(config.mlp_lr_grid), "lr": None} if len(config.mlp_lr_grid) > 1 else {}),
+                "hidden_dim": surrogates[kind].config.hidden_dim,
                 "losses_per_layer": losses,
             }
         fits[kind]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -337,7 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0, help="corpus, sampling and MLP seed")
     m = MLPConfig()
     p.add_argument("--epochs", type=positive_int, default=m.epochs)
-    p.add_argument("--lr", type=positive_float, default=m.lr)
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        nargs="+",
+        default=[m.lr],
+        help="MLP learning rate; several: each layer keeps the one of lowest validation MSE (default %(default)s)",
+    )
+    p.add_argument(
+        "--hidden-dim",
+        type=positive_int,
+        default=None,
+        help="MLP hidden width (default: the LLM's hidden_size // 8, as kvpress)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=m.batch_size)
     p.add_argument(
         "--standardize",
@@ -387,8 +432,10 @@ def config_from_args(args: argparse.Namespace, command: str | None = None) -> Tr
         collect=CollectConfig(
             tokens_per_prompt=args.tokens_per_prompt, seed=args.seed, x_dtype=args.x_dtype, attention=args.attention
         ),
+        mlp_hidden_dim=args.hidden_dim,
+        mlp_lr_grid=tuple(args.lr) if len(args.lr) > 1 else (),
         mlp=MLPConfig(
-            lr=args.lr,
+            lr=args.lr[0],
             epochs=args.epochs,
             batch_size=args.batch_size,
             standardize=args.standardize,
