@@ -209,7 +209,7 @@ def held_out_r2(surrogate: KVzapSurrogate, data: CollectedData) -> dict[str, Any
         "overall": round(float(r2.mean()), 4),
         "per_layer": [round(float(v), 4) for v in r2.mean(1)],
         "per_layer_head": [[round(float(v), 4) for v in row] for row in r2],
-        "per_source": {name: round(float(np.mean(values)), 4) for name, values in per_source.items()},
+        "per_source": {str(name): round(float(np.mean(values)), 4) for name, values in per_source.items()},
         "n_test_rows": int(y_test.shape[0]),
     }
 
