@@ -2,8 +2,11 @@
 
 Every task's per-sample score lies in [0, 1] (exact match, or the fraction of needles recalled), and a variable in
 [0, 1] with mean p has variance at most p(1 - p). So sqrt(p(1 - p) / n) bounds the standard error of a task's mean
-from above: exact for the 0/1 tasks, conservative for partial credit. An average over k tasks (independent samples)
-has standard error sqrt(sum_i p_i(1 - p_i) / n_i) / k. Intervals are mean +- 1.96 standard errors, clipped to [0, 1].
+from above: exact for the 0/1 tasks, conservative for partial credit. That bound is 0 when every sample scored 0 or
+every one scored 1 (100/100 is not a certainty), and too small near them; the standard error used is therefore the
+larger of it and the Agresti-Coull one, sqrt(q(1 - q) / (n + z^2)) with q = (n p + z^2 / 2) / (n + z^2): a task at
+100/100 reads 100.0 +- 2.6, not +- 0. An average over k tasks (independent samples) has standard error
+sqrt(sum_i se_i^2) / k. Intervals are mean +- 1.96 standard errors, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def task_estimate(accuracy: float, n: int) -> Estimate:
     if n < 1:
         raise ValueError(f"an accuracy needs n >= 1 samples, got {n}")
     p = min(1.0, max(0.0, accuracy))
-    return Estimate(accuracy, math.sqrt(p * (1 - p) / n))
+    q = (n * p + Z95**2 / 2) / (n + Z95**2)
+    return Estimate(accuracy, max(math.sqrt(p * (1 - p) / n), math.sqrt(q * (1 - q) / (n + Z95**2))))
 
 
 def average_estimate(rows: Sequence[dict]) -> Estimate:
