@@ -398,7 +398,7 @@ def test_shipped_surrogates_reload_and_score_like_the_trained_model(kind, tmp_pa
     report = json.loads((directory / "training_report.json").read_text())
     local = load_surrogate(directory)
     assert local.config.n_modules == 30 and local.config.input_dim == 576 and local.config.output_dim == 3
-    assert local.config.hidden_dim == (None if kind == "linear" else 72)
+    assert local.config.hidden_dim == (None if kind == "linear" else 144)
     # equal up to float32 summation order (the BLAS kernel, hence the thread count, may differ from the training run)
     np.testing.assert_allclose(np.array(probe_scores(local)), np.array(report["probe"]["scores"]), rtol=1e-5, atol=1e-4)
 
@@ -421,8 +421,8 @@ def test_shipped_surrogates_reload_and_score_like_the_trained_model(kind, tmp_pa
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_shipped_reports_record_held_out_r2_and_a_3x_threshold(kind):
     report = json.loads((shipped(kind) / "training_report.json").read_text())
-    # Issue targets: linear >= 0.60 (met, 0.609); MLP >= 0.65 (0.649: data-limited, see surrogates/README.md).
-    floor = {"linear": 0.60, "mlp": 0.645}[kind]
+    # Issue 16's targets: MLP >= 0.67 (met, 0.676); linear >= 0.62 (missed, 0.605: see surrogates/README.md).
+    floor = {"linear": 0.60, "mlp": 0.67}[kind]
     assert report["r2"]["overall"] >= floor
     assert len(report["r2"]["per_layer"]) == 30 and len(report["r2"]["per_layer_head"][0]) == 3
     tau = recommended_threshold(shipped(kind))
