@@ -250,15 +250,18 @@ class TeacherScores:
 
     def scores(self, scorer: KVzipPlusScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """`oracle.context_scores` of the contexts, as `scorer` computes them (KVzip+ or KVzip)."""
+        from safetensors.torch import load_file, save_file
+
         from ..runtime.oracle import context_scores
 
         if self._folder is None:
             self._folder = tempfile.TemporaryDirectory(prefix="kvzap-teacher-")
-        path = Path(self._folder.name) / f"{_digest(input_ids, attention_mask)}-{int(scorer.plus)}.pt"
-        if path.exists():
-            return torch.load(path)
+        path = Path(self._folder.name) / f"{_digest(input_ids, attention_mask)}-{int(scorer.plus)}.safetensors"
+        if path.exists():  # one tensor per layer, never unpickled
+            saved = load_file(path)
+            return [saved[str(layer)] for layer in range(len(saved))]
         scores = context_scores(scorer.model, scorer.tokenizer, input_ids, attention_mask, plus=scorer.plus)
-        torch.save(scores, path)
+        save_file({str(layer): t.contiguous() for layer, t in enumerate(scores)}, path)
         self.passes += 1
         return scores
 
