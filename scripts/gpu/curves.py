@@ -1,0 +1,162 @@
+"""Many `kvzap-eval sweep` processes sharing one GPU, most important runs first, stopped at a time budget.
+
+The work is a list of units in priority order, each one `kvzap-eval sweep` of one (task, length) and a few methods
+into a table of its own (tables/<table>/<unit>.jsonl). `--workers` processes each claim the next unclaimed unit (a
+claim file made with O_EXCL), run it in-process (the imports are paid once per worker) and go on; a unit that fails
+is logged and skipped. At the budget every worker is interrupted; the rows of the runs a unit finished are kept
+(a sweep appends each run's row when it is done), the unit's other runs are lost. Then each table's units are merged
+(`kvzap-eval merge`) into <out>/<table>.jsonl, and units.jsonl says what each unit did and how long it took.
+
+Used by scripts/gpu/curves.sh for reports/accuracy-curves (issue 15) and the old-vs-new surrogate comparison at 2k
+(issue 16); `--dry-run` prints the units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+TASKS = [
+    "kvzap_niah_single_repeat",
+    "kvzap_niah_single_essay",
+    "kvzap_niah_multikey",
+    "kvzap_niah_multivalue",
+    "kvzap_niah_multiquery",
+    "kvzap_vt",
+    "kvzap_cwe",
+    "kvzap_kv",
+    "kvzap_qa",
+]
+TAUS = ["-5", "-4", "-3", "-2", "-1", "0"]  # KVzap and the KVzip+ oracle under the threshold policy
+RATIOS = ["0.5", "0.6", "0.7", "0.8", "0.9"]  # the fixed-ratio methods' own grid
+ON_CPU_1K = {"-4", "-3", "-2"}  # full and these taus at 1k, n = 100: reports/surrogates-1k (new.jsonl, old.jsonl)
+OLD_TAUS = ["-4", "-3", "-2"]  # the old surrogate at 2k: the taus compared at 1k
+
+
+def units(old_surrogate: str, lengths: list[int]) -> list[dict]:
+    """(name, table, sweep arguments) in priority order: the 2k backbone and the old surrogate (issue 16) first."""
+    out: list[dict] = []
+
+    def add(tier: str, length: int, methods: list[str], extra: list[str], table: str = "curves") -> None:
+        for task in TASKS:
+            name = f"{tier}-{length}-{task.removeprefix('kvzap_')}"
+            args = ["--tasks", task, "--lengths", str(length), "--methods", *methods, *extra]
+            out.append({"name": name, "table": table, "args": args})
+
+    taus_1k = [t for t in TAUS if t not in ON_CPU_1K]
+    if 2048 in lengths:
+        add("mlp", 2048, ["full", "kvzap_mlp"], ["--thresholds", *TAUS])
+        add("old", 2048, ["kvzap_mlp"], ["--thresholds", *OLD_TAUS, "--model-args", f"surrogate={old_surrogate}"],
+            table="old-2k")  # fmt: skip
+    if 1024 in lengths:
+        add("mlp", 1024, ["kvzap_mlp"], ["--thresholds", *taus_1k])
+    for length in lengths:
+        add("rand", length, ["random", "streaming"], ["--ratios", *RATIOS])
+    for length in lengths:
+        add("lin", length, ["kvzap_linear"], ["--thresholds", *TAUS])
+    for length in lengths:
+        add("zip", length, ["kvzip_plus_threshold", "kvzip_plus"], ["--thresholds", *TAUS, "--ratios", *RATIOS])
+    for length in lengths:
+        add("ada", length, ["snapkv", "kvzap_adakv"], ["--ratios", *RATIOS])
+    return out
+
+
+def worker(index: int, tables: Path, plan: list[dict], common: list[str]) -> None:
+    from kvzap_eval.evaluation.sweep import main as sweep
+
+    claims = tables / "claims"
+    for unit in plan:
+        try:
+            os.close(os.open(claims / unit["name"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        table = tables / unit["table"] / f"{unit['name']}.jsonl"
+        start = time.time()
+        status = "done"
+        print(f"[worker {index}] {unit['name']} starts", flush=True)
+        try:
+            sweep([*unit["args"], *common, "--output", str(table)])
+        except KeyboardInterrupt:
+            status = "stopped"
+        except BaseException:  # noqa: BLE001 - one unit's failure must not stop the others
+            traceback.print_exc()
+            status = "failed"
+        with open(tables / "units.jsonl", "a") as log:
+            log.write(json.dumps({"unit": unit["name"], "worker": index, "status": status,
+                                  "seconds": round(time.time() - start, 1)}) + "\n")  # fmt: skip
+        if status == "stopped":
+            return
+
+
+def rows(path: Path) -> int:
+    return sum(sum(1 for _ in p.open()) for p in path.rglob("*.jsonl") if p.name != "units.jsonl")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", type=Path, required=True, help="working folder (kept between reruns)")
+    parser.add_argument("--out", type=Path, required=True, help="where the merged tables go")
+    parser.add_argument("--old-surrogate", required=True)
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds until the workers are interrupted")
+    parser.add_argument("--workers", type=int, default=14)
+    parser.add_argument("--limit", default="100")
+    parser.add_argument("--batch-size", default="34")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 1024])
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    plan = units(args.old_surrogate, args.lengths)
+    common = ["--limit", args.limit, "--batch-size", args.batch_size, "--device", args.device]
+    if args.dry_run:
+        for unit in plan:
+            print(unit["table"], unit["name"], " ".join(unit["args"]))
+        print(f"{len(plan)} units")
+        return 0
+    if args.worker is not None:
+        worker(args.worker, args.tables, plan, common)
+        return 0
+    for folder in ("claims", "logs", *{unit["table"] for unit in plan}):
+        (args.tables / folder).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    procs = []
+    for index in range(args.workers):
+        log = open(args.tables / "logs" / f"worker{index}.log", "a")
+        command = [sys.executable, __file__, *sys.argv[1:], "--worker", str(index)]
+        procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+    while any(p.poll() is None for p in procs) and time.time() - start < args.budget:
+        time.sleep(5)
+        if int(time.time() - start) % 30 < 5:
+            claimed = len(list((args.tables / "claims").iterdir()))
+            print(f"{time.time() - start:.0f} s: {claimed}/{len(plan)} units claimed, {rows(args.tables)} runs done",
+                  flush=True)  # fmt: skip
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 15
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    from kvzap_eval.evaluation.sweep import merge_tables
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for table in sorted({unit["table"] for unit in plan}):
+        parts = sorted((args.tables / table).glob("*.jsonl"))
+        if parts:
+            total, _ = merge_tables(args.out / f"{table}-gpu.jsonl", parts)
+            print(f"{table}: {total} runs merged into {args.out / f'{table}-gpu.jsonl'}")
+    print(f"curves sweep: {time.time() - start:.0f} s, {rows(args.tables)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
