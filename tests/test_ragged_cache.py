@@ -261,10 +261,14 @@ def test_a_model_cast_between_forwards_is_refused(surrogate_dir):
             model(input_ids=ids[:, :1], use_cache=True, **{CACHE_KWARG: output_cache(out)})
 
 
-def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                          enable_gqa=False, seqused_k=None, **kwargs):  # fmt: skip
-    """`varlen_attn`'s documented semantics in plain torch (the kernel itself is CUDA-only): sequence i's queries
-    attend its first `seqused_k[i]` keys, causally aligned bottom-right when window_size is (-1, 0)."""
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                          window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
+                          num_splits=None):  # fmt: skip
+    """`varlen_attn`'s documented semantics in plain torch (the kernel itself is CUDA-only), with torch 2.13's
+    keywords: sequence i's queries attend its first `seqused_k[i]` keys, causally aligned bottom-right when
+    window_size is (-1, 0); more query heads than key heads only with enable_gqa."""
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise RuntimeError(f"{query.shape[1]} query heads over {key.shape[1]} key heads need enable_gqa=True")
     outs = []
     for i in range(len(cu_seq_q) - 1):
         q = query[cu_seq_q[i] : cu_seq_q[i + 1]].transpose(0, 1)  # (H_q, Tq, D)
@@ -277,20 +281,66 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("q", [1, 3])
-def test_varlen_layout_equals_row_attention(monkeypatch, q):
-    """The CUDA path's plumbing (queries per row as G heads, region starts as key offsets, used slots as seqused_k),
-    checked on CPU against the kernel's documented semantics."""
+def reference_varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                               window_size=(-1, -1), seqused_k=None):  # fmt: skip
+    """The same with torch 2.11's keywords: no `enable_gqa` (seen on a lent H200: our call raised TypeError)."""
+    return reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                                 scale=scale, window_size=window_size, seqused_k=seqused_k)  # fmt: skip
+
+
+def reference_varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                               is_causal=False):  # fmt: skip
+    """torch 2.10's keywords: no window, no used-slot counts."""
+    raise AssertionError("a varlen_attn without seqused_k cannot skip the unused slots: it must not be called")
+
+
+@pytest.fixture
+def varlen_as(monkeypatch):
+    """Replace torch's `varlen_attn` by a reference with another torch's keywords (the keyword cache reset)."""
     import torch.nn.attention.varlen as varlen
 
-    from kvzap_eval.runtime.attention import varlen_attention
+    from kvzap_eval.runtime.attention import varlen_keywords
 
-    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    def use(function):
+        monkeypatch.setattr(varlen, "varlen_attn", function)
+        varlen_keywords.cache_clear()
+
+    yield use
+    varlen_keywords.cache_clear()
+
+
+def ragged_layer_with_new_tokens(q: int) -> CompactLayer:
     torch.manual_seed(2)
     layer = CompactLayer()
     step(layer, ThresholdPolicy(0.0, window=2), torch.randn(2, 3, 14, D), torch.randn(2, 3, 14))
     layer.update(torch.randn(2, 3, q, D), torch.randn(2, 3, q, D))
-    query = torch.randn(2, 6, q, D)
+    return layer
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("reference", [reference_varlen_attn, reference_varlen_attn_2_11])
+def test_varlen_layout_equals_row_attention(varlen_as, reference, q):
+    """The CUDA path's plumbing (queries per row as G heads, region starts as key offsets, used slots as seqused_k;
+    without enable_gqa a decode step's G heads as G queries of one head), checked on CPU against the kernel's
+    documented semantics; what a torch's varlen_attn cannot take goes to the per-row path."""
+    from kvzap_eval.runtime.attention import varlen_attention, varlen_serves
+
+    varlen_as(reference)
+    if not varlen_serves(q):
+        assert reference is reference_varlen_attn_2_11 and q > 1  # causal GQA chunks need enable_gqa
+        return
+    layer, query = ragged_layer_with_new_tokens(q), torch.randn(2, 6, q, D)
     torch.testing.assert_close(
         varlen_attention(layer, query, 0.5), row_attention(layer, query, 0.5), atol=1e-5, rtol=1e-5
     )
+
+
+def test_varlen_serves_what_each_torch_can_take(varlen_as):
+    from kvzap_eval.runtime.attention import varlen_serves
+
+    varlen_as(reference_varlen_attn)
+    assert varlen_serves(1) and varlen_serves(4)
+    varlen_as(reference_varlen_attn_2_11)
+    assert varlen_serves(1) and not varlen_serves(4)
+    varlen_as(reference_varlen_attn_2_10)
+    assert not varlen_serves(1) and not varlen_serves(4)

@@ -10,8 +10,11 @@
   end of each row) and hides their padding.
 - On CUDA in fp16/bf16, a later forward without padding is one `torch.nn.attention.varlen.varlen_attn` call per
   layer (flash varlen): each row is a key sequence (offsets = the region starts, `seqused_k` = its used slots) and
-  its G query heads are the heads of its q queries; several new tokens attend causally (bottom-right aligned). A
-  torch without it, or a kernel that refuses, falls back to the per-row path (remembered per device, with a warning).
+  its G query heads are the heads of its q queries; several new tokens attend causally (bottom-right aligned). The
+  call needs `varlen_attn`'s `window_size` and `seqused_k` keywords; a torch whose `varlen_attn` has no `enable_gqa`
+  (2.11) still serves decode steps, with the G query heads as G queries of a one-head sequence. A torch without
+  what a forward needs takes the per-row path; a kernel that refuses falls back to it (remembered per device, with
+  a warning).
 
 Transformers builds no mask for these names (they are not in `AttentionMaskInterface`); the masks come from the
 cache layer. Without a compact cache (a forward with use_cache=False) attention is plainly causal.
@@ -19,7 +22,9 @@ cache layer. Without a compact cache (a forward with use_cache=False) attention 
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +126,24 @@ def _eager_row(query, key, value, mask, scale, dropout_p):
     return torch.matmul(F.dropout(probs, p=dropout_p, training=dropout_p > 0), value)
 
 
+@cache
+def varlen_keywords() -> frozenset[str]:
+    """The keyword arguments of this torch's `varlen_attn` (empty without one)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_serves(q: int) -> bool:
+    """Whether this torch's `varlen_attn` can take a forward of q new tokens per row: it must skip each region's
+    unused slots (`seqused_k`) and mask causally (`window_size`); without `enable_gqa` only a decode step (q == 1)
+    can fold its G query heads into one head."""
+    keywords = varlen_keywords()
+    return {"seqused_k", "window_size"} <= keywords and ("enable_gqa" in keywords or q == 1)
+
+
 def varlen_attention(layer: CompactLayer, query: torch.Tensor, scale: float) -> torch.Tensor:
     """(B, H_q, q, d) queries over each row's entries -> (B, q, H_q, d) in one flash varlen call (CUDA only)."""
     from torch.nn.attention.varlen import varlen_attn
@@ -129,7 +152,11 @@ def varlen_attention(layer: CompactLayer, query: torch.Tensor, scale: float) -> 
     heads, rows = layer.heads, layer.rows
     group = h_q // heads
     queries = query.reshape(b, heads, group, q, d).permute(0, 1, 3, 2, 4).reshape(rows * q, group, d)
-    cu_q = torch.arange(0, (rows + 1) * q, q, dtype=torch.int32, device=query.device)
+    gqa = {"enable_gqa": True} if "enable_gqa" in varlen_keywords() else {}
+    per_row = q
+    if not gqa:  # a decode step: the row's G query heads are G queries of one head, none masked
+        queries, per_row = queries.reshape(rows * group, 1, d), group
+    cu_q = torch.arange(0, (rows + 1) * per_row, per_row, dtype=torch.int32, device=query.device)
     ends = layer.start.new_full((1,), layer.keys.shape[0])
     cu_k = torch.cat((layer.start, ends)).to(torch.int32)
     out = varlen_attn(
@@ -138,12 +165,12 @@ def varlen_attention(layer: CompactLayer, query: torch.Tensor, scale: float) -> 
         layer.values[:, None],
         cu_q,
         cu_k,
-        q,
+        per_row,
         layer.longest_region,
         scale=scale,
         window_size=(-1, 0) if q > 1 else (-1, -1),
-        enable_gqa=True,
         seqused_k=layer.count.to(torch.int32),
+        **gqa,
     )
     return out.view(b, heads, q, group, d).permute(0, 2, 1, 3, 4).reshape(b, q, h_q, d)
 
@@ -154,6 +181,7 @@ def _varlen_fits(layer: CompactLayer, query: torch.Tensor) -> bool:
         and query.dtype in (torch.float16, torch.bfloat16)
         and layer.new_valid is None
         and not _VARLEN_FAILED.get(query.device, False)
+        and varlen_serves(query.shape[2])
     )
 
 
@@ -162,7 +190,7 @@ def ragged_attention(layer: CompactLayer, query: torch.Tensor, scale: float, dro
     if _varlen_fits(layer, query):
         try:
             return varlen_attention(layer, query, scale)
-        except (ImportError, NotImplementedError, RuntimeError) as exc:
+        except (ImportError, NotImplementedError, RuntimeError, TypeError) as exc:
             _VARLEN_FAILED[query.device] = True
             warnings.warn(
                 f"varlen_attn unavailable on {query.device} ({exc}); attending per (batch, KV head) row", stacklevel=2
