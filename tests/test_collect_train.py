@@ -20,6 +20,7 @@ from kvzap_eval.surrogate import (
     random_surrogate,
     resolve_surrogate_source,
     save_surrogate,
+    surrogate_config_for,
 )
 from kvzap_eval.surrogate.report import probe_input, probe_scores, recommended_threshold
 from kvzap_eval.train import collect as collect_module
@@ -358,14 +359,29 @@ def test_mlp_width_and_learning_rate_grid_chosen_per_layer_by_validation(tmp_pat
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"mlp_hidden_dim": 0}, "--hidden-dim must be >= 1"),
-        ({"mlp_lr_grid": (1e-3, float("nan"))}, "every --lr must be a finite number"),
+        ({"mlp_hidden_dim": 0}, "hidden width is a whole number >= 1"),
+        ({"mlp_lr_grid": (1e-3, float("nan"))}, "learning rate must be a finite number above 0"),
         ({"mlp_lr_grid": (1e-3, 1e-4), "mlp": MLPConfig(val_fraction=0)}, "keep a validation split"),
     ],
 )
 def test_bad_mlp_width_or_learning_rate_grid_is_refused(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(out=str(tmp_path / "out"), **changes)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: MLPConfig(lr=float("nan")), "learning rate must be a finite number above 0"),
+        (lambda: MLPConfig(lr=0.0), "learning rate must be a finite number above 0"),
+        (lambda: surrogate_config_for(tiny_model("llama").config, "mlp", hidden_dim=True), "whole number >= 1"),
+        (lambda: surrogate_config_for(tiny_model("llama").config, "linear", hidden_dim=8), "linear surrogate has none"),
+    ],
+)
+def test_the_recipe_and_the_surrogate_shape_check_their_own_settings(make, message):
+    """A learning rate is checked by MLPConfig and a width by the surrogate model, for the CLI's grid too."""
+    with pytest.raises(ConfigError, match=message):
+        make()
 
 
 def test_cli_takes_a_learning_rate_grid_and_a_width(tmp_path):

@@ -184,12 +184,22 @@ def _model_dims(model_config: Any) -> dict[str, tuple[str, int]]:
     }
 
 
+def check_hidden_dim(hidden_dim: int | None, model_type: str = "mlp") -> None:
+    """A one-line `ConfigError` unless `hidden_dim` is None or a whole number >= 1 for an MLP surrogate."""
+    if hidden_dim is None:
+        return
+    if model_type != "mlp" or isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
+        raise ConfigError(
+            f"hidden_dim={hidden_dim!r}: an MLP surrogate's hidden width is a whole number >= 1 (e.g. --hidden-dim 72);"
+            " a linear surrogate has none"
+        )
+
+
 def surrogate_config_for(model_config: Any, model_type: str = "mlp", hidden_dim: int | None = None) -> SurrogateConfig:
     """The surrogate shapes for an LLM config (MLP hidden width `hidden_dim`, by default hidden_size // 8 as kvpress
     trains them; a linear surrogate has none)."""
     _check_model_type(model_type)
-    if hidden_dim is not None and (model_type != "mlp" or hidden_dim < 1):
-        raise ConfigError(f"hidden_dim={hidden_dim} applies to an MLP surrogate only, and must be >= 1")
+    check_hidden_dim(hidden_dim, model_type)
     dims = {field: value for field, (_, value) in _model_dims(model_config).items()}
     hidden = (hidden_dim or max(1, dims["input_dim"] // 8)) if model_type == "mlp" else None
     return SurrogateConfig(hidden_dim=hidden, **dims)

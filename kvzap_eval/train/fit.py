@@ -104,8 +104,10 @@ class MLPConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("MLP training needs epochs >= 1, batch_size >= 1 and lr > 0 (recipe: 15, 512, 5e-3)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("MLP training needs epochs >= 1 and batch_size >= 1 (recipe: 15, 512)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"the MLP learning rate must be a finite number above 0, got {self.lr} (e.g. --lr 5e-3)")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.standardize not in STANDARDIZE_MODES:

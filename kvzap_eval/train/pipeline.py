@@ -29,7 +29,7 @@ from ..cli_args import OneLineParser, check_writable_dir, non_negative_int, open
 from ..errors import ConfigError, CorpusError, KVzapError, OutputDirError
 from ..llm.loading import DTYPES, as_torch_dtype, load_causal_lm
 from ..moved import warn_moved
-from ..surrogate import KVzapSurrogate, save_surrogate, surrogate_config_for
+from ..surrogate import KVzapSurrogate, check_hidden_dim, save_surrogate, surrogate_config_for
 from ..surrogate.report import probe_scores, write_report
 from .calibration import Calibration, CalibrationConfig, calibrate
 from .collect import CollectConfig, CollectedData, collect, peak_rss_mb
@@ -68,10 +68,9 @@ class TrainConfig:
         if self.resume and self.force:
             raise ConfigError("--resume and --force exclude each other: pick one")
         as_torch_dtype(self.dtype)
-        if self.mlp_hidden_dim is not None and self.mlp_hidden_dim < 1:
-            raise ConfigError(f"--hidden-dim must be >= 1, got {self.mlp_hidden_dim}")
-        if any(not (math.isfinite(lr) and lr > 0) for lr in self.mlp_lr_grid):
-            raise ConfigError(f"every --lr must be a finite number above 0, got {list(self.mlp_lr_grid)}")
+        check_hidden_dim(self.mlp_hidden_dim)
+        for lr in self.mlp_lr_grid:  # each value as the MLP recipe's own rate: MLPConfig says which rates are valid
+            replace(self.mlp, lr=lr)
         if len(self.mlp_lr_grid) > 1 and self.mlp.val_fraction == 0:
             raise ConfigError("several --lr values are chosen by validation loss: keep a validation split")
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
