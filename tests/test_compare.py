@@ -176,6 +176,20 @@ def test_compare_cli_errors_are_one_line(tables, capsys):
         parse_labelled(["=x", "b=y"])
 
 
+def test_report_averages_each_length_over_the_tasks_measured_there(tables):
+    """A length measured on fewer tasks is averaged over those, and the report names them (not the table's count)."""
+    from kvzap_eval.evaluation.report import markdown
+    from kvzap_eval.evaluation.table import load_table
+
+    rows = load_table(tables / "old.jsonl")
+    rows += [_row("full", "a", 0.8, 0.0, length=2048), _row("kvzap_mlp", "a", 0.8, 0.7, -3, length=2048)]
+    text = markdown(rows, "r")
+    assert "## Context length 1024 (average over 2 tasks)" in text
+    assert "## Context length 2048 (average over 1 of 2 tasks: a)" in text
+    assert "| kvzap_mlp | tau=-3 | 0.700 | 80.0 |" in text.split("## Context length 2048")[1]
+    assert "whose average over 1 of 2 tasks: a stays within 1 point of the full cache at 2048" in text
+
+
 def test_report_gives_intervals_and_the_highest_compression_within_one_point(tables):
     from kvzap_eval.evaluation.report import markdown
     from kvzap_eval.evaluation.table import load_table

@@ -29,14 +29,15 @@ Row = dict
 
 
 def averaged(rows: list[Row]) -> list[Row]:
-    """Mean accuracy and compression over tasks, per (method, setting, length), for settings present on all tasks."""
-    tasks = {r["task"] for r in rows}
+    """Mean accuracy and compression over tasks, per (method, setting, length), for settings present on every task
+    measured at that length."""
+    tasks_at = tasks_by_length(rows)
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], r.get("threshold"), r.get("matched_threshold"), r.get("ratio"), r["length"])].append(r)
     out = []
     for (method, threshold, matched, ratio, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        if {m["task"] for m in members} != tasks:
+        if {m["task"] for m in members} != tasks_at[length]:
             continue
         out.append(
             {
@@ -55,6 +56,28 @@ def averaged(rows: list[Row]) -> list[Row]:
     return out
 
 
+def tasks_by_length(rows: list[Row]) -> dict[int, set[str]]:
+    """length -> the tasks the table measured at that length."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for r in rows:
+        out[r["length"]].add(r["task"])
+    return out
+
+
+def _tasks_note(rows: list[Row], length: int) -> str:
+    """`N tasks`, naming them when the table measured fewer at `length` than at its longest list of tasks."""
+    here, everywhere = tasks_by_length(rows)[length], {r["task"] for r in rows}
+    if here == everywhere:
+        return f"{len(here)} tasks"
+    return f"{len(here)} of {len(everywhere)} tasks: {', '.join(sorted(here))}"
+
+
+def _average_of(rows: list[Row], length: int) -> str:
+    """`9-task average`, or `average over 4 of 9 tasks: ...` when fewer tasks were measured at `length`."""
+    note = _tasks_note(rows, length)
+    return f"{note.removesuffix(' tasks')}-task average" if note.endswith(" tasks") else f"average over {note}"
+
+
 def estimate_of(row: Row) -> Estimate:
     """A row's accuracy with its standard error: an averaged row carries it, a task row's comes from its n."""
     if "accuracy_stderr" in row:
@@ -70,8 +93,8 @@ def frontier_lines(rows: list[Row], length: int) -> list[str]:
         has_full = any(r["method"] == "full" for r in here)
         return [f"No setting stays within 1 point of the full cache at {length} (on average).", ""] if has_full else []
     lines = [
-        f"Highest compression whose {len({r['task'] for r in rows})}-task average stays within 1 point of the full"
-        f" cache at {length} (95% intervals):",
+        f"Highest compression whose {_average_of(rows, length)} stays within 1 point of the full cache at {length}"
+        " (95% intervals):",
         "",
         "| method | setting | compression ratio | x | accuracy | minus full |",
         "|---|---|---|---|---|---|",
@@ -211,7 +234,7 @@ def markdown(rows: list[Row], command: str) -> str:
     ]
     for length in sorted({r["length"] for r in rows}):
         lines += [
-            f"## Context length {length} (average over {len({r['task'] for r in rows})} tasks)",
+            f"## Context length {length} (average over {_tasks_note(rows, length)})",
             "",
             "| method | setting | compression ratio | accuracy | ± 95% | n |",
             "|---|---|---|---|---|---|",
