@@ -3,7 +3,8 @@
 The work is a list of units in priority order, each one `kvzap-eval sweep` of one (task, length) and a few methods
 into a table of its own (tables/<table>/<unit>.jsonl). `--workers` processes each claim the next unclaimed unit (a
 claim file made with O_EXCL), run it in-process (the imports are paid once per worker) and go on; a unit that fails
-is logged and skipped. At the budget every worker is interrupted; the rows of the runs a unit finished are kept
+(e.g. out of GPU memory) is logged and given back once for a later attempt, the worker pausing before its next
+claim. At the budget every worker is interrupted; the rows of the runs a unit finished are kept
 (a sweep appends each run's row when it is done), the unit's other runs are lost. Then each table's units are merged
 (`kvzap-eval merge`) into <out>/<table>.jsonl, and units.jsonl says what each unit did and how long it took.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,8 @@ TAUS = ["-5", "-4", "-3", "-2", "-1", "0"]  # KVzap and the KVzip+ oracle under 
 RATIOS = ["0.5", "0.6", "0.7", "0.8", "0.9"]  # the fixed-ratio methods' own grid
 ON_CPU_1K = {"-4", "-3", "-2"}  # full and these taus at 1k, n = 100: reports/surrogates-1k (new.jsonl, old.jsonl)
 OLD_TAUS = ["-4", "-3", "-2"]  # the old surrogate at 2k: the taus compared at 1k
+MAX_ATTEMPTS = 2  # a failed unit is given back once
+FAILURE_PAUSE = 15.0  # seconds a worker waits after a failure before it claims again
 
 
 def units(old_surrogate: str, lengths: list[int]) -> list[dict]:
@@ -72,11 +76,10 @@ def worker(index: int, tables: Path, plan: list[dict], common: list[str]) -> Non
     from kvzap_eval.evaluation.sweep import main as sweep
 
     claims = tables / "claims"
-    for unit in plan:
-        try:
-            os.close(os.open(claims / unit["name"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            continue
+    while True:
+        unit = _claim(claims, plan)
+        if unit is None:
+            return
         table = tables / unit["table"] / f"{unit['name']}.jsonl"
         start = time.time()
         status = "done"
@@ -91,8 +94,36 @@ def worker(index: int, tables: Path, plan: list[dict], common: list[str]) -> Non
         with open(tables / "units.jsonl", "a") as log:
             log.write(json.dumps({"unit": unit["name"], "worker": index, "status": status,
                                   "seconds": round(time.time() - start, 1)}) + "\n")  # fmt: skip
+        _release_gpu_memory()
         if status == "stopped":
             return
+        if status == "failed":  # e.g. out of GPU memory while others held it: give the unit back, wait, go on
+            failures = claims / f"{unit['name']}.failed"
+            count = int(failures.read_text()) + 1 if failures.exists() else 1
+            failures.write_text(str(count))
+            if count < MAX_ATTEMPTS:
+                (claims / unit["name"]).unlink()
+            time.sleep(FAILURE_PAUSE)
+
+
+def _release_gpu_memory() -> None:
+    """Hand the unit's cached GPU memory back, for the other workers."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _claim(claims: Path, plan: list[dict]) -> dict | None:
+    """The first unit nobody has claimed, now claimed by this worker (O_EXCL: one worker wins); None when none is
+    left."""
+    for unit in plan:
+        try:
+            os.close(os.open(claims / unit["name"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return unit
+    return None
 
 
 def rows(path: Path) -> int:
@@ -105,9 +136,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the merged tables go")
     parser.add_argument("--old-surrogate", required=True)
     parser.add_argument("--budget", type=float, default=450.0, help="seconds until the workers are interrupted")
+    # One H200 (2026-12-04): 14 workers at batch 34 ran out of its 139 GiB; a 2k process held 14-16.6 GiB (fp32 dense
+    # cache, the method's derived cache, prefill activations, allocator slack), so about 0.22 MiB per context token.
+    # 14 x 16 x ~2,150 tokens x 0.22 MiB is about 105 GiB.
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--limit", default="100")
-    parser.add_argument("--batch-size", default="34")
+    parser.add_argument("--batch-size", default="16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 1024])
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -123,6 +157,7 @@ def main() -> int:
     if args.worker is not None:
         worker(args.worker, args.tables, plan, common)
         return 0
+    shutil.rmtree(args.tables / "claims", ignore_errors=True)  # claims hold within one run; the tables resume
     for folder in ("claims", "logs", *{unit["table"] for unit in plan}):
         (args.tables / folder).mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -134,7 +169,7 @@ def main() -> int:
     while any(p.poll() is None for p in procs) and time.time() - start < args.budget:
         time.sleep(5)
         if int(time.time() - start) % 30 < 5:
-            claimed = len(list((args.tables / "claims").iterdir()))
+            claimed = sum(1 for p in (args.tables / "claims").iterdir() if not p.suffix)
             print(f"{time.time() - start:.0f} s: {claimed}/{len(plan)} units claimed, {rows(args.tables)} runs done",
                   flush=True)  # fmt: skip
     for proc in procs:
