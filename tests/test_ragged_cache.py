@@ -344,3 +344,22 @@ def test_varlen_serves_what_each_torch_can_take(varlen_as):
     assert varlen_serves(1) and not varlen_serves(4)
     varlen_as(reference_varlen_attn_2_10)
     assert not varlen_serves(1) and not varlen_serves(4)
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gathered_rectangle_equals_row_attention(q, padded):
+    """The CUDA path without flash varlen (fp32, padding): the rows gathered into one masked rectangle attend exactly
+    as the per-row calls, new tokens causal and their padding hidden (a padding query sees itself)."""
+    from kvzap_eval.runtime.attention import gathered_attention
+
+    torch.manual_seed(3)
+    layer = CompactLayer()
+    step(layer, ThresholdPolicy(0.0, window=2), torch.randn(2, 3, 14, D), torch.randn(2, 3, 14))
+    valid = torch.tensor([[False] * (q - 1) + [True], [True] * q]) if padded else None
+    layer.update(torch.randn(2, 3, q, D), torch.randn(2, 3, q, D), valid_new=valid)
+    assert len(set(layer.count.tolist())) > 1  # rows of different lengths: the rectangle really is padded
+    query = torch.randn(2, 6, q, D)
+    torch.testing.assert_close(
+        gathered_attention(layer, query, 0.5), row_attention(layer, query, 0.5), atol=1e-5, rtol=1e-5
+    )

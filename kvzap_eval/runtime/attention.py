@@ -118,6 +118,41 @@ def row_attention(
     return out.view(b, h_q, q, d).transpose(1, 2)
 
 
+def _gathered_mask(layer: CompactLayer, q: int) -> torch.Tensor:
+    """(R, q, W) bool over each row's slots gathered into the rectangle of width W = the longest region: the row's
+    entries, and among its last q (the new tokens) causal with padding hidden, a padding query seeing itself (what
+    `row_attention` masks row by row)."""
+    slots = torch.arange(layer.longest_region, device=layer.device)
+    counts = layer.count[:, None]  # (R, 1)
+    if q == 1:
+        return (slots[None, :] < counts)[:, None, :]
+    new = (slots[None, :] - (counts - q))[:, None, :]  # (R, 1, W): index among the new tokens (< 0: older)
+    query_index = torch.arange(q, device=layer.device)[None, :, None]  # (1, q, 1)
+    seen = (new >= 0) & (new <= query_index)
+    if layer.new_valid is not None:
+        batch_row = torch.arange(layer.rows, device=layer.device) // layer.heads
+        valid = layer.new_valid[batch_row].gather(1, new[:, 0].clamp(0, q - 1))[:, None, :]  # (R, 1, W)
+        seen = seen & valid
+    return (new < 0) | seen | (new == query_index)
+
+
+def gathered_attention(layer: CompactLayer, query: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """(B, H_q, q, d) queries over each row's entries -> (B, q, H_q, d) in one SDPA call: the rows gathered into a
+    (rows, longest region) rectangle with a mask. A fixed number of kernels whatever the batch, where
+    `row_attention` launches a few per (batch, KV head) row: the path for CUDA where flash varlen does not serve
+    (fp32, padding); on CPU the per-row calls are cheaper than the gather (README, "Ragged KV storage")."""
+    b, h_q, q, d = query.shape
+    rows, width = layer.rows, layer.longest_region
+    group = h_q // layer.heads
+    last = layer.keys.shape[0] - 1
+    index = (layer.start[:, None] + torch.arange(width, device=layer.device)[None, :]).clamp_(max=last)  # (R, W)
+    keys, values = layer.keys[index][:, None], layer.values[index][:, None]  # (R, 1, W, d)
+    mask = _gathered_mask(layer, q).repeat(1, group, 1)[:, None]  # (R, 1, G * q, W), queries ordered (g, i)
+    queries = query.reshape(rows, 1, group * q, d)
+    out = F.scaled_dot_product_attention(queries, keys, values, mask, dropout_p, scale=scale)
+    return out.view(b, h_q, q, d).transpose(1, 2)
+
+
 def _eager_row(query, key, value, mask, scale, dropout_p):
     logits = torch.matmul(query, key.transpose(-1, -2)) * scale
     if mask is not None:
@@ -186,7 +221,8 @@ def _varlen_fits(layer: CompactLayer, query: torch.Tensor) -> bool:
 
 
 def ragged_attention(layer: CompactLayer, query: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """The SDPA path of a later forward: flash varlen where it fits, else one SDPA call per row."""
+    """The SDPA path of a later forward: flash varlen where it fits, else on CUDA one SDPA over the gathered rows,
+    on CPU one SDPA call per row."""
     if _varlen_fits(layer, query):
         try:
             return varlen_attention(layer, query, scale)
@@ -195,6 +231,8 @@ def ragged_attention(layer: CompactLayer, query: torch.Tensor, scale: float, dro
             warnings.warn(
                 f"varlen_attn unavailable on {query.device} ({exc}); attending per (batch, KV head) row", stacklevel=2
             )
+    if query.is_cuda:
+        return gathered_attention(layer, query, scale, dropout_p)
     return row_attention(layer, query, scale, dropout_p)
 
 
