@@ -188,6 +188,7 @@ def test_report_averages_each_length_over_the_tasks_measured_there(tables):
     assert "## Context length 2048 (average over 1 of 2 tasks: a)" in text
     assert "| kvzap_mlp | tau=-3 | 0.700 | 80.0 |" in text.split("## Context length 2048")[1]
     assert "whose average over 1 of 2 tasks: a stays within 1 point of the full cache at 2048" in text
+    assert "KVzap-MLP tau=-3 at 3.33x (ratio 0.700) [average over 1 of 2 tasks: a]: 80.0 vs full 80.0" in text
 
 
 def test_report_gives_intervals_and_the_highest_compression_within_one_point(tables):
