@@ -3,8 +3,11 @@
 # Rebuilds the embedded GGUF from its two carried parts and converts it, runs the GPU tests and the GPU latency table
 # beside the sweep, and the accuracy-curve sweep itself (scripts/gpu/curves.py: n = 100 per task and point, 1k and 2k,
 # most important units first) until the budget. Returns in $OUT: curves-gpu.jsonl, old-2k-gpu.jsonl, gpu-tests.log,
-# latency-gpu.tgz and sweep-logs.tgz.
+# attention-layouts.log, latency-gpu.tgz and sweep-logs.tgz (the side jobs run beside the sweep: at batch 16 its 14
+# workers leave them about 30 GiB).
 # Usage: bash scripts/gpu/curves.sh [seconds for the sweep, default 450] [workers, default 14]
+# (2026-12-04 on one H200: prep 30 s, model ready after 60 s; 14 workers at batch 34 ran it out of memory, see
+# curves.py for the batch that fits.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 budget=${1:-450} workers=${2:-14}
@@ -23,6 +26,7 @@ echo "model ready after $((SECONDS - start)) s; MPS: $(cat /tmp/kvz/mps 2>/dev/n
 nvidia-smi dmon -s um -d 15 > /tmp/kvz/dmon.log 2>&1 &
 dmon=$!
 (
+  timeout -k 5 60 python3 scripts/attention_layouts.py --device cuda > "$OUT/attention-layouts.log" 2>&1
   timeout -k 5 150 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu-tests.log"
   timeout -k 5 120 python3 -m kvzap_eval.cli latency --device cuda --threads 1 --no-layer-fraction --min-run-time 0.2 \
