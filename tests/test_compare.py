@@ -191,6 +191,28 @@ def test_report_averages_each_length_over_the_tasks_measured_there(tables):
     assert "KVzap-MLP tau=-3 at 3.33x (ratio 0.700) [average over 1 of 2 tasks: a]: 80.0 vs full 80.0" in text
 
 
+def test_report_targets_read_a_fixed_ratio_grid_at_kvzaps_compression(tables):
+    """random swept on its own ratio grid (no matched runs): its accuracy is interpolated at the compression KVzap
+    reached, over the tasks both measured; a grid that does not span it is not measured."""
+    from kvzap_eval.evaluation.report import markdown
+    from kvzap_eval.evaluation.table import load_table
+
+    rows = load_table(tables / "old.jsonl")
+    for task in ("a", "b"):
+        for ratio, accuracy in ((0.6, 0.2), (0.8, 0.0)):
+            row = _row("random", task, accuracy, ratio)
+            rows.append({**row, "ratio": ratio, "key": f"random|ratio={ratio}|{task}|1024"})
+    text = markdown(rows, "r")
+    # the only tau reaching 3x is -2 (ratio 0.7, 60%); random's grid 0.6 -> 20%, 0.8 -> 0%: 10% at 0.7
+    assert (
+        "- 1024 tokens, random at KVzap's compression at tau=-2 (0.700, interpolated on its ratio grid): 10.0, KVzap"
+        " 60.0, +50.0 points below KVzap: met"
+    ) in text
+    assert "streaming at the same ratio: not measured" in text
+    narrow = [r for r in rows if not (r["method"] == "random" and r["ratio"] == 0.6)]  # grid 0.8 only: 0.7 outside
+    assert "- 1024 tokens, random at the same ratio: not measured" in markdown(narrow, "r")
+
+
 def test_report_gives_intervals_and_the_highest_compression_within_one_point(tables):
     from kvzap_eval.evaluation.report import markdown
     from kvzap_eval.evaluation.table import load_table
