@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -439,6 +440,38 @@ def test_a_sweep_output_that_is_a_directory_or_under_a_file_is_refused(sweep_arg
     afile.write_text("")
     line = one_error_line(capsys, sweep_argv(**{"--output": str(afile / "t.jsonl")}))
     assert "is a file, not a directory" in line
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 146.00 MiB."),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried ..."),
+    ],
+)
+def test_a_sweep_out_of_memory_is_one_line_naming_the_batch_and_keeps_finished_runs(
+    sweep_argv, capsys, tmp_path, monkeypatch, error
+):
+    """As on the lent H200 (14 sweeps filled it): the second run fails to allocate; the first run's row stays, and
+    the error names --batch-size and the resume."""
+    from kvzap_eval.evaluation.sweep import SweepState
+
+    evaluate, calls = SweepState.evaluate, []
+
+    def failing_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(SweepState, "evaluate", failing_second)
+    assert cli.main(sweep_argv(**{"--methods": "full kvzap_mlp", "--batch-size": "3"})) == 1
+    err = capsys.readouterr().err  # progress bars above, then the one error line, no traceback
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in err
+    assert "ran out of memory at --batch-size 3 with 1024-token contexts: lower --batch-size" in line
+    assert "the same command resumes after them" in line
+    assert len(load_table(tmp_path / "t.jsonl")) == 1
 
 
 def test_every_bad_merge_argument_is_one_line(tmp_path, capsys):

@@ -560,10 +560,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         rows = run_sweep(config)
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise ConfigError(
+            f"--device {config.device} ran out of memory at --batch-size {config.batch_size} with"
+            f" {max(config.lengths)}-token contexts: lower --batch-size (or run fewer processes on the device); the"
+            f" runs already finished are in {config.output}, and the same command resumes after them"
+        ) from None
     finally:
         _leave_process_group()
     print(f"{len(rows)} rows in {config.output}")
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A device (CUDA) or host allocation that failed."""
+    import torch
+
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError) if k is not None)
+    return isinstance(exc, kinds) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _leave_process_group() -> None:
