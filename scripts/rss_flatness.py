@@ -24,19 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvzap_eval.atomic import write_json_atomic  # noqa: E402
+from kvzap_eval.evaluation.suite import suite_tasks  # noqa: E402
 
 PROGRESS = re.compile(r"Running generate_until requests:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
-TASKS = [
-    "kvzap_niah_single_repeat",
-    "kvzap_niah_single_essay",
-    "kvzap_niah_multikey",
-    "kvzap_niah_multivalue",
-    "kvzap_niah_multiquery",
-    "kvzap_vt",
-    "kvzap_cwe",
-    "kvzap_kv",
-    "kvzap_qa",
-]
+TASKS = suite_tasks(Path(__file__).resolve().parents[1] / "tasks")
 
 
 def rss_bytes(pid: int) -> int | None:

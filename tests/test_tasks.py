@@ -61,6 +61,19 @@ def test_group_yaml_lists_every_generated_task():
     assert metrics.SUPPORTED_LENGTHS == generators.SUPPORTED_LENGTHS
 
 
+def test_the_suite_is_read_from_the_group_yaml_and_a_missing_one_is_one_line(tmp_path):
+    from kvzap_eval.errors import ConfigError
+    from kvzap_eval.evaluation.suite import suite_tasks
+
+    assert suite_tasks(TASKS_DIR) == list(GENERATORS)  # the group's order
+    assert all((TASKS_DIR / f"{task}.yaml").is_file() for task in suite_tasks(TASKS_DIR))
+    with pytest.raises(ConfigError, match="no kvzap_longctx group at .*: give --include-path the tasks/ folder"):
+        suite_tasks(tmp_path)
+    (tmp_path / "kvzap_longctx.yaml").write_text("group: kvzap_longctx\n")
+    with pytest.raises(ConfigError, match="lists no task names under 'task:'"):
+        suite_tasks(tmp_path)
+
+
 @pytest.mark.parametrize("task", sorted(GENERATORS))
 def test_generation_is_deterministic_per_seed(task, tokenizer):
     make = GENERATORS[task]

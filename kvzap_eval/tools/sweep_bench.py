@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli_args import OneLineParser, finite_float, positive_int
+from ..evaluation.suite import suite_tasks
 from ..evaluation.sweep import ENGINES, SWEEP_METHODS, SweepConfig, execute, parse_model_args
 from ..evaluation.sweep_engine import EngineWork, SharedPrefillLM
 
-LONGCTX_TASKS = ["kvzap_niah_single_repeat", "kvzap_niah_single_essay", "kvzap_niah_multikey", "kvzap_niah_multivalue",
-                 "kvzap_niah_multiquery", "kvzap_vt", "kvzap_cwe", "kvzap_kv", "kvzap_qa"]  # fmt: skip
 #: With one tau: full, three threshold methods and four matched to KVzap's ratio = 8 method settings.
 DEFAULT_METHODS = ["full", "kvzap_mlp", "kvzap_linear", "kvzip_plus_threshold", "random", "streaming", "snapkv",
                    "kvzip_plus"]  # fmt: skip
@@ -87,7 +86,7 @@ def summary(runs: list[EngineRun], settings: dict) -> tuple[list[str], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="kvzap-eval sweep-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=LONGCTX_TASKS)
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: the kvzap_longctx group's tasks")
     parser.add_argument("--lengths", nargs="+", type=positive_int, default=[1024])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(SWEEP_METHODS))
     parser.add_argument("--thresholds", nargs="+", type=finite_float, default=None, help="default: the surrogate's")
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None, help="where both tables go (default: a temporary one)")
     args = parser.parse_args(argv)
     settings = dict(
-        tasks=args.tasks,
+        tasks=args.tasks or suite_tasks(args.include_path),
         lengths=args.lengths,
         methods=args.methods,
         thresholds=args.thresholds,

@@ -25,17 +25,9 @@ import time
 import traceback
 from pathlib import Path
 
-TASKS = [
-    "kvzap_niah_single_repeat",
-    "kvzap_niah_single_essay",
-    "kvzap_niah_multikey",
-    "kvzap_niah_multivalue",
-    "kvzap_niah_multiquery",
-    "kvzap_vt",
-    "kvzap_cwe",
-    "kvzap_kv",
-    "kvzap_qa",
-]
+from kvzap_eval.evaluation.suite import suite_tasks
+
+TASKS = suite_tasks(Path(__file__).resolve().parents[2] / "tasks")
 TAUS = ["-5", "-4", "-3", "-2", "-1", "0"]  # KVzap and the KVzip+ oracle under the threshold policy
 RATIOS = ["0.5", "0.6", "0.7", "0.8", "0.9"]  # the fixed-ratio methods' own grid
 ON_CPU_1K = {"-4", "-3", "-2"}  # full and these taus at 1k, n = 100: reports/surrogates-1k (new.jsonl, old.jsonl)
