@@ -541,23 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shard", default="0/1", help="evaluate shard i of n (i/n, 0-based) of the (task, length) groups; see merge"
     )
     args = parser.parse_args(argv)
-    config = SweepConfig(
-        output=args.output,
-        tasks=args.tasks,
-        lengths=args.lengths,
-        methods=args.methods,
-        thresholds=args.thresholds,
-        ratios=args.ratios,
-        limit=args.limit,
-        include_path=args.include_path,
-        pretrained=args.pretrained,
-        batch_size=args.batch_size,
-        device=args.device,
-        apply_chat_template=not args.no_chat_template,
-        model_args=parse_model_args(args.model_args),
-        shard=Shard.parse(args.shard),
-        engine=args.engine,
-    )
+    config = SweepConfig(output=args.output, shard=Shard.parse(args.shard), engine=args.engine, **sweep_settings(args))
     try:
         rows = run_sweep(config)
     except Exception as exc:
@@ -572,6 +556,25 @@ def main(argv: list[str] | None = None) -> int:
         _leave_process_group()
     print(f"{len(rows)} rows in {config.output}")
     return 0
+
+
+def sweep_settings(args) -> dict:
+    """The `SweepConfig` settings that `kvzap-eval sweep` and `kvzap-eval sweep-bench` take from the same options
+    (what to run, on which model and device; not where the rows go or how the work is split)."""
+    return dict(
+        tasks=args.tasks,
+        lengths=args.lengths,
+        methods=args.methods,
+        thresholds=args.thresholds,
+        ratios=args.ratios,
+        limit=args.limit,
+        include_path=args.include_path,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        device=args.device,
+        apply_chat_template=not args.no_chat_template,
+        model_args=parse_model_args(args.model_args),
+    )
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..cli_args import OneLineParser, finite_float, positive_int
 from ..evaluation.suite import suite_tasks
-from ..evaluation.sweep import ENGINES, SWEEP_METHODS, SweepConfig, execute, parse_model_args
+from ..evaluation.sweep import ENGINES, SWEEP_METHODS, SweepConfig, execute, sweep_settings
 from ..evaluation.sweep_engine import EngineWork, SharedPrefillLM
 
 #: With one tau: full, three threshold methods and four matched to KVzap's ratio = 8 method settings.
@@ -100,20 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-args", default="", help="method settings for every run, as for kvzap-eval sweep")
     parser.add_argument("--out-dir", type=Path, default=None, help="where both tables go (default: a temporary one)")
     args = parser.parse_args(argv)
-    settings = dict(
-        tasks=args.tasks or suite_tasks(args.include_path),
-        lengths=args.lengths,
-        methods=args.methods,
-        thresholds=args.thresholds,
-        ratios=args.ratios,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        pretrained=args.pretrained,
-        include_path=args.include_path,
-        device=args.device,
-        apply_chat_template=not args.no_chat_template,
-        model_args=parse_model_args(args.model_args),
-    )
+    settings = {**sweep_settings(args), "tasks": args.tasks or suite_tasks(args.include_path)}
     with tempfile.TemporaryDirectory(prefix="kvzap-sweep-bench-") as scratch:
         out_dir = args.out_dir or Path(scratch)
         out_dir.mkdir(parents=True, exist_ok=True)
