@@ -1,5 +1,6 @@
 """Command-line arguments that fail in one line: a parser whose usage errors are `ConfigError`s, value types that
-refuse zero, negative and non-finite numbers, and checks that an output path can be written before any work."""
+refuse zero, negative and non-finite numbers, and checks that an output path can be written and a device exists
+before any work."""
 
 from __future__ import annotations
 
@@ -81,6 +82,21 @@ def batch_by_tokens(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxTOKENS with both at least 1, e.g. 8x4000")
     return int(parts[0]), int(parts[1])
+
+
+def check_device(text: str, option: str = "--device"):
+    """The torch device named by `text`, refused in one line when it is not a device or not on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{option} {text!r} is not a torch device: e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option} {text}: no CUDA GPU is visible here; use {option} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{option} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _nearest_existing(path: Path) -> Path:

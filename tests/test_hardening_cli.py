@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from kvzap_eval import cli, train
@@ -121,6 +122,21 @@ def test_bench_json_that_is_a_directory_is_refused_before_measuring(capsys, tmp_
 )
 def test_latency_mistakes_are_one_line(capsys, tmp_path, args, message):
     assert message in one_error_line(capsys, cli.main(["latency", "--out", str(tmp_path / "out"), *args]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["latency", "--device", "cuda", "--out", "OUT"],
+        ["bench", "--device", "cuda:1", "--only", "memory"],
+        ["sweep", "--device", "cuda", "--output", "OUT/t.jsonl", "--tasks", "t", "--thresholds", "-3"],
+    ],
+)
+def test_every_cli_refuses_a_cuda_device_this_machine_lacks_the_same_way(capsys, tmp_path, argv):
+    argv = [part.replace("OUT", str(tmp_path / "out")) for part in argv]
+    line = one_error_line(capsys, cli.main(argv))
+    assert "no CUDA GPU is visible here; use --device cpu" in line
 
 
 def test_latency_out_and_from_json_mistakes_are_one_line(capsys, tmp_path):

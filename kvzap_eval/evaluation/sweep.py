@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli_args import OneLineParser, check_writable_file, finite_float, positive_int
+from ..cli_args import OneLineParser, check_device, check_writable_file, finite_float, positive_int
 from ..errors import ConfigError
 from ..runtime.methods import FIXED_RATIO_METHODS, MethodConfig, default_threshold
 from ..settings import validate_ratio, validate_threshold
@@ -154,7 +154,7 @@ class SweepConfig:
         check_writable_file(self.output, "--output")
         self.tasks, self.lengths, self.methods = _unique(self.tasks), _unique(self.lengths), _unique(self.methods)
         self._check_counts()
-        _check_device(self.device)
+        check_device(self.device)
         if self.thresholds is None:
             self.thresholds = [_default_threshold(self.pretrained, self.model_args.get("surrogate"))]
         self.thresholds = _unique([validate_threshold(t) for t in self.thresholds])
@@ -196,17 +196,6 @@ class SweepConfig:
 def _unique(values: Iterable) -> list:
     """`values` in order, each once (a repeated task, length or method would only repeat a row's key)."""
     return list(dict.fromkeys(values))
-
-
-def _check_device(text: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {text!r} is not a torch device: e.g. cpu, cuda, cuda:1") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {text}: no CUDA GPU is visible here; use --device cpu")
 
 
 def _default_threshold(pretrained: str | None, surrogate: str | None) -> float:

@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_text_atomic
-from ..cli_args import OneLineParser, batch_by_tokens, check_writable_file, finite_float, positive_float, positive_int
+from ..cli_args import (
+    OneLineParser,
+    batch_by_tokens,
+    check_device,
+    check_writable_file,
+    finite_float,
+    positive_float,
+    positive_int,
+)
 from ..errors import ConfigError
 from ..runtime.backends import TorchBackend
 from ..surrogate import KVzapSurrogate, SurrogateConfig
@@ -124,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_file(args.json, "--json")
     if len(args.capacity_contexts) < 2 and "capacity" in args.only:
         raise ConfigError("--capacity-contexts needs at least two prompt lengths (bytes per token come from two)")
-    device = _check_device(args.device) if {"memory", "decode", "capacity"} & set(args.only) else None
+    device = None
+    if {"memory", "decode", "capacity"} & set(args.only):
+        check_device(args.device)
+        device = args.device
     results: dict = {}
     if "scorer" in args.only:
         results["scorer"] = [row for t in dict.fromkeys(args.threads) for row in bench_scorer(t)]
@@ -152,16 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot write --json {args.json} ({exc.strerror}): give another path") from None
     return 0
-
-
-def _check_device(name: str) -> str:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device: use cpu or cuda[:i]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return name
 
 
 def _run_kv_benchmarks(args, device: str, results: dict) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 from ..atomic import write_text_atomic
-from ..cli_args import OneLineParser, check_writable_dir, positive_float, positive_int
+from ..cli_args import OneLineParser, check_device, check_writable_dir, positive_float, positive_int
 from ..errors import ConfigError, KVzapError
 from ..surrogate import (
     KVzapSurrogate,
@@ -441,21 +441,6 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--out", type=Path, default=Path("reports/latency"))
     parser.add_argument("--from-json", type=Path, help="re-render a latency.json into --out instead of measuring")
     return parser
-
-
-def check_device(name: str) -> torch.device:
-    """The torch device named by --device, refused when it does not exist here."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device: use cpu or cuda[:i]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: use cpu or cuda[:i]")
-    return device
 
 
 def main(argv: list[str] | None = None) -> int:
