@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvzap_eval import attention, build_method, compress
-from kvzap_eval.runtime.attention import row_attention, varlen_attention
+from kvzap_eval.runtime.attention import gathered_attention, row_attention, varlen_attention
 from kvzap_eval.runtime.cache import CompactLayer
 from kvzap_eval.runtime.policies import ThresholdPolicy
 from kvzap_eval.surrogate import save_surrogate
@@ -28,12 +28,29 @@ def test_varlen_equals_row_attention_on_cuda(q):
     layer.update(keys, keys.flip(-1))
     scores = torch.randn(3, 2, 40, device="cuda")
     layer.set_pending_scores(scores)
-    layer.evict(policy.select(layer, scores), compact=True)
+    layer.evict(policy.decide(layer, scores), compact=True)
     new = torch.randn(3, 2, q, 64, device="cuda", dtype=torch.bfloat16)
     layer.update(new, new.flip(-1))
     query = torch.randn(3, 8, q, 64, device="cuda", dtype=torch.bfloat16)
     expected = row_attention(layer, query, 0.125).float()
     torch.testing.assert_close(varlen_attention(layer, query, 0.125).float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("q", [1, 5])
+def test_gathered_rectangle_equals_row_attention_on_cuda_fp32(q):
+    """The CUDA path where flash varlen does not serve (fp32): one masked SDPA over the gathered rows."""
+    torch.manual_seed(0)
+    layer, policy = CompactLayer(), ThresholdPolicy(0.0, window=4)
+    keys = torch.randn(3, 2, 40, 64, device="cuda")
+    layer.update(keys, keys.flip(-1))
+    scores = torch.randn(3, 2, 40, device="cuda")
+    layer.set_pending_scores(scores)
+    layer.evict(policy.decide(layer, scores), compact=True)
+    new = torch.randn(3, 2, q, 64, device="cuda")
+    layer.update(new, new.flip(-1))
+    query = torch.randn(3, 8, q, 64, device="cuda")
+    torch.testing.assert_close(gathered_attention(layer, query, 0.125), row_attention(layer, query, 0.125),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
 
 
 def test_bf16_generation_runs_on_varlen_without_fallback(tmp_path):
