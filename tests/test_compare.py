@@ -213,6 +213,14 @@ def test_report_targets_read_a_fixed_ratio_grid_at_kvzaps_compression(tables):
     assert "- 1024 tokens, random at the same ratio: not measured" in markdown(narrow, "r")
 
 
+def test_report_draws_the_summary_figure(tables, tmp_path):
+    from kvzap_eval.evaluation.report import write_report
+
+    readme = write_report(tables / "old.jsonl", tmp_path / "out", "cmd")
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+    assert "![frontier.png](frontier.png)" in readme.read_text()
+
+
 def test_report_gives_intervals_and_the_highest_compression_within_one_point(tables):
     from kvzap_eval.evaluation.report import markdown
     from kvzap_eval.evaluation.table import load_table

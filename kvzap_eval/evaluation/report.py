@@ -327,6 +327,44 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def plot_frontier(rows: list[Row], path: Path) -> bool:
+    """The summary figure: per method and length, the highest compression (x-fold) whose task average stays within
+    1 point of the full cache, labelled with its accuracy minus the full cache's (95%). False when nothing to draw."""
+    lengths = sorted({r["length"] for r in rows})
+    found = {}
+    for length in lengths:
+        here = points([("", [r for r in rows if r["length"] == length])])[0]
+        found[length] = {p.curve.method: (p, below) for p, below in highest_within_full(here, length)}
+    methods = sorted({method for by_method in found.values() for method in by_method})
+    if not methods:
+        return False
+    matplotlib = require("matplotlib", "report")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(methods) + 2), 4))
+    width = 0.8 / len(lengths)
+    for index, length in enumerate(lengths):
+        xs = [m + (index - (len(lengths) - 1) / 2) * width for m in range(len(methods))]
+        heights = [1 / (1 - found[length][m][0].compression) if m in found[length] else 0.0 for m in methods]
+        axis.bar(xs, heights, width=width, label=f"{length} tokens")
+        for x, height, method in zip(xs, heights, methods):
+            if method in found[length]:
+                axis.annotate(found[length][method][1].points(), (x, height), ha="center", va="bottom", fontsize=7,
+                              rotation=90, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    axis.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
+    axis.set_ylabel("compression (x), accuracy within 1 point")
+    axis.set_title("highest compression within 1 point of the full cache\n(label: accuracy minus full, points, 95%)",
+                   fontsize=9)  # fmt: skip
+    axis.set_ylim(0, 1.35 * max(max(1 / (1 - p.compression) for p, _ in f.values()) for f in found.values() if f))
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def write_report(table: Path, out_dir: Path, command: str) -> Path:
     """Write `README.md` and PNG plots for `table` into `out_dir` (one report per identity when the table mixes
     runs of several, with an index); returns the markdown path."""
@@ -356,14 +394,14 @@ def write_report(table: Path, out_dir: Path, command: str) -> Path:
 def _write_one(rows: list[Row], out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, command)
-    images = []
+    images = ["frontier.png"] if plot_frontier(rows, out_dir / "frontier.png") else []
     for length in sorted({r["length"] for r in rows}):
         name = f"average_{length}.png"
         plot(
             [r for r in averaged(rows) if r["length"] == length], out_dir / name, f"average over tasks, {length} tokens"
         )
         images.append(name)
-        for task in sorted({r["task"] for r in rows}):
+        for task in sorted({r["task"] for r in rows if r["length"] == length}):  # no empty plot for a task not run
             name = f"{task}_{length}.png"
             plot([r for r in rows if r["task"] == task and r["length"] == length], out_dir / name, f"{task}, {length}")
             images.append(name)
