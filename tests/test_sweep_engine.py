@@ -253,3 +253,19 @@ def test_sweep_bench_prints_both_wall_times_their_ratio_and_identical_rows(tiny,
     figures = {line.split(":")[0]: float(line.split()[1].rstrip("x")) for line in out.splitlines()[1:4]}
     assert figures["ratio"] == pytest.approx(figures["per-method"] / figures["shared-prefill"], abs=0.1)
     assert {path.name for path in tmp_path.iterdir()} >= {"per-method.jsonl", "shared-prefill.jsonl"}
+
+
+def test_workers_split_the_sweep_and_merge_it_into_the_same_rows(tiny, tmp_path):
+    """`sweep --workers 2`: two spawned processes (one (task, length) group each), their tables merged into the
+    output and removed; the rows equal one process's, and a rerun finds everything done."""
+    from kvzap_eval.evaluation.sweep_workers import run_with_workers, worker_paths
+
+    lengths = dict(lengths=[1024, 2048], methods=["full", "kvzap_mlp", "streaming"], thresholds=[0.0])
+    whole = run_sweep(sweep_config(tiny, tmp_path / "whole.jsonl", **lengths))
+    config = sweep_config(tiny, tmp_path / "split.jsonl", **lengths)
+    run_sweep(config, runs=plan(config)[:1])  # one run already there: the workers skip it
+    split = run_with_workers(config, 2, threads=1)
+    assert figures(split) == figures(whole)
+    assert sorted(p.name for p in tmp_path.iterdir() if "worker" in p.name) == []
+    assert worker_paths(config.output, 0)[0].name == "split.jsonl.worker-0.jsonl"
+    assert figures(run_with_workers(config, 2, threads=1)) == figures(whole)  # nothing left to do

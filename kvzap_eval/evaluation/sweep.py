@@ -14,7 +14,8 @@ and a sweep into a table of another is refused, naming the field that differs.
 
 Beyond one process: under `accelerate launch` every run's requests are split over the ranks (rank 0 writes the
 rows); `--shard i/n` evaluates only every n-th (task, length) group of the run list, so n machines can each take a
-shard into their own table, and `kvzap-eval merge` joins the tables without losing or duplicating rows.
+shard into their own table, and `kvzap-eval merge` joins the tables without losing or duplicating rows; on one
+machine `--workers n` does both (`sweep_workers.py`).
 """
 
 from __future__ import annotations
@@ -529,10 +530,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shard", default="0/1", help="evaluate shard i of n (i/n, 0-based) of the (task, length) groups; see merge"
     )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="split the sweep over this many processes here (each a --shard, with its share of the CPU threads),"
+        " merged into --output",
+    )
     args = parser.parse_args(argv)
     config = SweepConfig(output=args.output, shard=Shard.parse(args.shard), engine=args.engine, **sweep_settings(args))
     try:
-        rows = run_sweep(config)
+        if args.workers > 1:
+            from .sweep_workers import run_with_workers
+
+            rows = run_with_workers(config, args.workers)
+        else:
+            rows = run_sweep(config)
     except Exception as exc:
         if not _out_of_memory(exc):
             raise

@@ -1,0 +1,119 @@
+"""`kvzap-eval sweep --workers N`: one sweep split over N processes on this machine, then joined.
+
+Each worker is `--shard i/N` of the same sweep (whole (task, length) groups, so a fixed-ratio run finds its KVzap
+reference in its own table), run in a spawned process with its share of the CPU threads, writing its own table
+beside `--output` (`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a copy
+of `--output`, so the runs already there are skipped. When the workers end, their tables are merged into
+`--output` (`merge_tables`: one row per run) and removed; a worker that failed leaves its log and is named in one
+error line, after the rows that did finish were merged. The rows are the same as one process's: the same runs,
+each computed as `--engine` computes it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from .sweep import Shard, SweepConfig, identify, merge_tables, plan, refuse_other_identities, row_key
+from .table import read_table
+
+
+def worker_paths(output: Path, index: int) -> tuple[Path, Path]:
+    """Worker `index`'s table and log, beside the sweep's table."""
+    stem = f"{output.name}.worker-{index}"
+    return output.with_name(f"{stem}.jsonl"), output.with_name(f"{stem}.log")
+
+
+def run_with_workers(config: SweepConfig, workers: int, threads: int | None = None) -> list[dict]:
+    """Run `config` as `workers` shards in parallel processes and merge them into `config.output`; returns its
+    rows. `threads`: torch threads per worker (default: this machine's CPUs shared out, at least 1)."""
+    if workers < 2:
+        raise ConfigError(f"--workers {workers}: give 2 or more (or leave it out for one process)")
+    if config.shard != Shard():
+        raise ConfigError("--workers splits the sweep into its own shards: leave out --shard")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    runs = plan(config)
+    identity = identify(config)  # the checks a worker would make, made once before any process starts
+    existing = read_table(config.output)
+    refuse_other_identities(config.output, existing, runs, identity)
+    done = {row["key"] for row in existing}
+    todo = sum(1 for run in runs if row_key(run, identity) not in done)
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(workers):
+        table, log = worker_paths(config.output, index)
+        if config.output.exists():
+            shutil.copyfile(config.output, table)
+        else:
+            table.unlink(missing_ok=True)
+        shard = replace(config, output=table, shard=Shard(index, workers))
+        process = context.Process(target=_work, args=(shard, log, threads), name=f"kvzap-sweep-worker-{index}")
+        process.start()
+        processes.append(process)
+    try:
+        _follow(processes, config, workers, len(done), todo)
+    except BaseException:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+        _join(config, workers)
+        raise
+    _join(config, workers)
+    failed = [(index, p.exitcode) for index, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        index, code = failed[0]
+        raise ConfigError(
+            f"sweep worker {index} failed (exit code {code}; {len(failed)} of {workers} failed): see"
+            f" {worker_paths(config.output, index)[1]}; the runs that finished are in {config.output}, and the same"
+            " command resumes after them"
+        )
+    for index in range(workers):
+        worker_paths(config.output, index)[1].unlink(missing_ok=True)
+    return read_table(config.output)
+
+
+def _follow(processes, config: SweepConfig, workers: int, before: int, todo: int) -> None:
+    """A progress bar over the runs the workers finish, until every worker has ended."""
+    with tqdm(total=todo, desc=f"sweep ({workers} workers)", unit="run") as bar:
+        while any(process.is_alive() for process in processes):
+            time.sleep(1.0)
+            finished = sum(_rows(worker_paths(config.output, i)[0]) - before for i in range(workers))
+            bar.update(max(0, finished - bar.n))
+        for process in processes:
+            process.join()
+
+
+def _rows(table: Path) -> int:
+    return len(read_table(table)) if table.exists() else 0
+
+
+def _join(config: SweepConfig, workers: int) -> None:
+    """Merge the workers' tables into the sweep's table and remove them."""
+    tables = [worker_paths(config.output, index)[0] for index in range(workers)]
+    present = [table for table in tables if table.exists()]
+    if present:
+        merge_tables(config.output, present)
+    for table in tables:
+        table.unlink(missing_ok=True)
+
+
+def _work(config: SweepConfig, log: Path, threads: int) -> None:
+    """One worker: its shard of the sweep, its output in its log."""
+    with open(log, "w", buffering=1) as stream:
+        os.dup2(stream.fileno(), sys.stdout.fileno())
+        os.dup2(stream.fileno(), sys.stderr.fileno())
+        import torch
+
+        torch.set_num_threads(threads)
+        from .sweep import run_sweep
+
+        run_sweep(config)
