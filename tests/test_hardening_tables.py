@@ -468,9 +468,9 @@ def test_a_sweep_out_of_memory_is_one_line_naming_the_batch_and_keeps_finished_r
 
     monkeypatch.setattr(SweepState, "evaluate", failing_second)
     assert cli.main(sweep_argv(**{"--methods": "full kvzap_mlp", "--batch-size": "3"})) == 1
-    err = capsys.readouterr().err  # progress bars above, then the one error line, no traceback
+    err = capsys.readouterr().err  # progress bars above, then the one error line, not the allocator's traceback
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: ") and "Traceback" not in err
+    assert line.startswith("error: ") and "OutOfMemoryError" not in err and "alloc_cpu" not in err
     assert "ran out of memory at --batch-size 3 with 1024-token contexts: lower --batch-size" in line
     assert "the same command resumes after them" in line
     assert len(load_table(tmp_path / "t.jsonl")) == 1
