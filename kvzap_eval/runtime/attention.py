@@ -118,11 +118,10 @@ def row_attention(
     return out.view(b, h_q, q, d).transpose(1, 2)
 
 
-def _gathered_mask(layer: CompactLayer, q: int) -> torch.Tensor:
-    """(R, q, W) bool over each row's slots gathered into the rectangle of width W = the longest region: the row's
-    entries, and among its last q (the new tokens) causal with padding hidden, a padding query seeing itself (what
-    `row_attention` masks row by row)."""
-    slots = torch.arange(layer.longest_region, device=layer.device)
+def _gathered_mask(layer: CompactLayer, q: int, slots: torch.Tensor) -> torch.Tensor:
+    """(R, q, W) bool over each row's `slots` (0..W-1) gathered into the rectangle of width W = the longest region:
+    the row's entries, and among its last q (the new tokens) causal with padding hidden, a padding query seeing
+    itself (what `row_attention` masks row by row)."""
     counts = layer.count[:, None]  # (R, 1)
     if q == 1:
         return (slots[None, :] < counts)[:, None, :]
@@ -144,10 +143,10 @@ def gathered_attention(layer: CompactLayer, query: torch.Tensor, scale: float, d
     b, h_q, q, d = query.shape
     rows, width = layer.rows, layer.longest_region
     group = h_q // layer.heads
-    last = layer.keys.shape[0] - 1
-    index = (layer.start[:, None] + torch.arange(width, device=layer.device)[None, :]).clamp_(max=last)  # (R, W)
+    slots = torch.arange(width, device=layer.device)
+    index = (layer.start[:, None] + slots[None, :]).clamp_(max=layer.keys.shape[0] - 1)  # (R, W)
     keys, values = layer.keys[index][:, None], layer.values[index][:, None]  # (R, 1, W, d)
-    mask = _gathered_mask(layer, q).repeat(1, group, 1)[:, None]  # (R, 1, G * q, W), queries ordered (g, i)
+    mask = _gathered_mask(layer, q, slots).repeat(1, group, 1)[:, None]  # (R, 1, G * q, W), queries ordered (g, i)
     queries = query.reshape(rows, 1, group * q, d)
     out = F.scaled_dot_product_attention(queries, keys, values, mask, dropout_p, scale=scale)
     return out.view(b, h_q, q, d).transpose(1, 2)
