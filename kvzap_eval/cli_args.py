@@ -24,48 +24,35 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _number(text: str, cast, accept, requirement: str):
+    """`text` read by `cast` (int or float), refused with `requirement` ("must be ...") unless `accept(value)`."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if cast is int else 'number'}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {value if cast is int else repr(text)}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (sample counts, batch sizes, context lengths)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """A float that is neither NaN nor infinite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (windows, seeds); see `cli_args.positive_int` for counts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "0 or more")
+
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    return _number(text, float, math.isfinite, "a finite number")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, durations, regularisation strengths)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
 
 
 def open_fraction(text: str) -> float:

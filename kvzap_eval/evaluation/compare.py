@@ -20,6 +20,7 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
+from ..plotting import pyplot
 from .curves import Curve, Point, common_tasks, groups, highest_within_full, interpolate, points
 from .intervals import Estimate, difference, task_estimate
 from .table import identity_fields, load_table
@@ -148,9 +149,7 @@ def markdown(tables: list[tuple[str, list[dict]]], command: str) -> str:
 
 def plot(all_points: list[Point], length: int, path: Path) -> None:
     """Average accuracy vs compression at one length, one curve per (table, method), 95% error bars."""
-    matplotlib = require("matplotlib", "report")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     curves: dict[Curve, list[Point]] = defaultdict(list)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
+from ..plotting import pyplot
 from .curves import highest_within_full, interpolate, points, setting_label
 from .intervals import Estimate, average_estimate, task_estimate
 from .table import identity_groups, load_table
@@ -297,9 +298,7 @@ def markdown(rows: list[Row], command: str) -> str:
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
     """Accuracy (%) vs compression ratio, one curve per method (full cache as a horizontal line)."""
-    matplotlib = require("matplotlib", "report")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(6, 4))
     by_method: dict[str, list[Row]] = defaultdict(list)
@@ -338,9 +337,7 @@ def plot_frontier(rows: list[Row], path: Path) -> bool:
     methods = sorted({method for by_method in found.values() for method in by_method})
     if not methods:
         return False
-    matplotlib = require("matplotlib", "report")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(methods) + 2), 4))
     width = 0.8 / len(lengths)

@@ -32,6 +32,7 @@ from torch.utils.benchmark import Timer
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_device, check_writable_dir, positive_float, positive_int
 from ..errors import ConfigError, KVzapError
+from ..plotting import pyplot
 from ..surrogate import (
     KVzapSurrogate,
     SurrogateConfig,
@@ -320,10 +321,7 @@ def _short(label: str) -> str:
 
 def render_png(report: Report, path: Path) -> None:
     """Grouped bars (log scale), one panel per phase: per surrogate and thread count, one bar per backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = list(dict.fromkeys(r.phase for r in report.rows))
     backends = list(dict.fromkeys(r.backend for r in report.rows))
