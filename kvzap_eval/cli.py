@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import KVzapError
+from .errors import exit_code
 
 SUBCOMMANDS = {
     "demo": "kvzap_eval.tools.demo",
@@ -49,14 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print(f"subcommands: {', '.join(SUBCOMMANDS)} (kvzap-eval <subcommand> --help); anything else goes to lm_eval")
         return 0
-    try:
-        if argv and argv[0] in SUBCOMMANDS:
-            module, _, function = SUBCOMMANDS[argv[0]].partition(":")
-            return getattr(importlib.import_module(module), function or "main")(argv[1:])
-        return run_lm_eval(argv)
-    except KVzapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if argv and argv[0] in SUBCOMMANDS:
+        module, _, function = SUBCOMMANDS[argv[0]].partition(":")
+        return exit_code(lambda: getattr(importlib.import_module(module), function or "main")(argv[1:]))
+    return exit_code(lambda: run_lm_eval(argv))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class KVzapError(Exception):
     """Base class of all kvzap-eval errors."""
@@ -66,3 +69,15 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - exercised through the tests with a fake module name
         raise MissingExtraError(module, extra) from exc
+
+
+def exit_code(run: Callable[[], int], code: int = 1) -> int:
+    """`run()`'s exit code; a kvzap-eval error, or an OS error (a full disk, a file gone mid-run), is printed as one
+    `error:` line instead of a traceback and gives `code`. The one error printer of the command-line entry points."""
+    try:
+        return run()
+    except KVzapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+    return code

@@ -485,6 +485,21 @@ def test_every_bad_merge_argument_is_one_line(tmp_path, capsys):
     assert "required" in one_error_line(capsys, ["merge", str(good)])
 
 
+def test_a_full_disk_mid_command_is_one_line_and_keeps_the_table(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from kvzap_eval.evaluation import sweep
+
+    def full_disk(path, rows):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    good = write_rows(tmp_path / "a.jsonl", [row()])
+    monkeypatch.setattr(sweep, "write_table", full_disk)
+    line = one_error_line(capsys, ["merge", "--output", str(tmp_path / "m.jsonl"), str(good)])
+    assert line.startswith("error: OSError: [Errno 28] No space left on device") and "m.jsonl" in line
+    assert load_table(good) == [row()]  # the input is untouched
+
+
 def test_a_shard_without_runs_says_so(tiny, tmp_path, capsys):
     from kvzap_eval.evaluation.sweep import Shard, plan
 

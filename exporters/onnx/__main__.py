@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvzap_eval.errors import KVzapError
+from kvzap_eval.errors import exit_code
 from kvzap_eval.settings import DEFAULT_THRESHOLD
 
 from .export import main_export
@@ -34,23 +34,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = main_export(
-            args.source,
-            args.out,
-            dtype=args.dtype,
-            threshold=args.threshold,
-            validate=not args.no_validate,
-            allow_mismatch=args.allow_mismatch,
-            hidden_states_model=args.hidden_states_model,
-            revision=args.revision,
-        )
-    except KVzapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the disk filled up, a file vanished mid-export...: one line, not a traceback
-        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    result = main_export(
+        args.source,
+        args.out,
+        dtype=args.dtype,
+        threshold=args.threshold,
+        validate=not args.no_validate,
+        allow_mismatch=args.allow_mismatch,
+        hidden_states_model=args.hidden_states_model,
+        revision=args.revision,
+    )
     for report in result.reports:
         print(("ok    " if report.passed else "FAILED ") + report.summary())
     print(f"manifest: {result.directory / 'manifest.json'} (validation {result.manifest.validation})")

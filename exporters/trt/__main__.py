@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from kvzap_eval.errors import ConfigError, KVzapError
+from kvzap_eval.errors import ConfigError, exit_code
 from kvzap_eval.surrogate import CONFIG_NAME
 
 from ..dtypes import WEIGHT_ONLY_BITS, parse_dtype
@@ -92,14 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except KVzapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the disk filled up, a file vanished mid-build...: one line, not a traceback
-        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":
