@@ -269,3 +269,28 @@ def test_workers_split_the_sweep_and_merge_it_into_the_same_rows(tiny, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if "worker" in p.name) == []
     assert worker_paths(config.output, 0)[0].name == "split.jsonl.worker-0.jsonl"
     assert figures(run_with_workers(config, 2, threads=1)) == figures(whole)  # nothing left to do
+
+
+def test_a_pass_reports_its_runs_in_flight_context_by_context(tiny, tmp_path):
+    """`run_sweep(progress=...)` hears the runs' worth of work done and not yet in the table: a pass of k runs rises
+    to k as its contexts are computed (for all its runs at once), then falls by one as each row is written."""
+    heard: list[float] = []
+    rows = run_sweep(sweep_config(tiny, tmp_path / "t.jsonl"), progress=heard.append)
+    assert len(rows) == 3  # pass 1: full and KVzap (3 contexts), pass 2: random at KVzap's ratio
+    first, second = [2 / 3, 4 / 3, 2, 1, 0, 0], [1 / 3, 2 / 3, 1, 0, 0]
+    assert heard == pytest.approx(first + second)
+    heard.clear()
+    run_sweep(sweep_config(tiny, tmp_path / "t.jsonl"), progress=heard.append)
+    assert heard == []  # nothing left to do, nothing in flight
+
+
+def test_the_workers_bar_counts_what_a_worker_has_in_flight(tmp_path):
+    from kvzap_eval.evaluation.sweep_workers import _in_flight, progress_path
+
+    path = progress_path(tmp_path / "t.jsonl", 1)
+    assert path.name == "t.jsonl.worker-1.progress"
+    assert _in_flight(path) == 0.0  # not written yet
+    path.write_text("1.5000")
+    assert _in_flight(path) == 1.5
+    path.write_text("")  # a reader never sees this (atomic writes), but an empty file is no crash either
+    assert _in_flight(path) == 0.0

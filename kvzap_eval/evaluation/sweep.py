@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -360,12 +360,16 @@ def refuse_other_identities(output: Path, rows: list[dict], runs: list[Run], ide
     )
 
 
-def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None) -> list[dict]:
-    """Evaluate every run not already in `config.output` with `config.engine`; returns the whole table."""
-    return list(execute(config, runs).done.values())
+def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None, progress: Progress | None = None) -> list[dict]:
+    """Evaluate every run not already in `config.output` with `config.engine`; returns the whole table.
+
+    `progress(runs)`, when given, hears how many runs' worth of work is done but not yet in the table (a fraction
+    of the current pass's runs, as its contexts are computed; 0 between passes): the shared-prefill engine writes
+    a pass's rows only at its end, so a caller that follows the table alone would see nothing move for minutes."""
+    return list(execute(config, runs, progress).done.values())
 
 
-def execute(config: SweepConfig, runs: Iterable[Run] | None = None) -> SweepState:
+def execute(config: SweepConfig, runs: Iterable[Run] | None = None, progress: Progress | None = None) -> SweepState:
     """`run_sweep`, returning the sweep's state: the whole table (`done`) and the model it loaded (None when every
     run was already in the table)."""
     runs = list(plan(config) if runs is None else runs)
@@ -383,7 +387,7 @@ def execute(config: SweepConfig, runs: Iterable[Run] | None = None) -> SweepStat
     references = {row_key(ref, identity): ref for ref in filter(None, (run.reference() for run in runs))}
     by_run = {run.key: done[key] for key, run in {**references, **planned}.items() if key in done}
     todo = [(key, run) for key, run in planned.items() if key not in done]
-    state = SweepState(config, identity, lm, done, by_run)
+    state = SweepState(config, identity, lm, done, by_run, progress=progress or _no_progress)
     with tqdm(total=len(todo), desc="sweep", unit="run", disable=lm.rank != 0) as state.bar:
         if config.engine == "per-method":
             for key, run in todo:
@@ -412,6 +416,14 @@ def load_lm(config: SweepConfig, pretrained: str):
     )
 
 
+#: `progress(runs)`: runs' worth of work done and not yet written (see `run_sweep`).
+Progress = Callable[[float], None]
+
+
+def _no_progress(runs: float) -> None:
+    return None
+
+
 @dataclass
 class SweepState:
     """A sweep in progress: its configuration, the model, and the rows done (by row key, and by run key)."""
@@ -422,6 +434,7 @@ class SweepState:
     done: dict[str, dict]
     by_run: dict[str, dict]
     bar: object = None  # tqdm over the runs to evaluate
+    progress: Progress = _no_progress  # see `run_sweep`
 
     def settings(self, run: Run) -> MethodConfig:
         """The run's method settings (a run matched to KVzap's ratio needs that KVzap row done)."""

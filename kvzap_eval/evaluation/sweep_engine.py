@@ -54,14 +54,21 @@ def run_shared_prefill(state: SweepState, todo: list[tuple[str, Run]]) -> None:
 
 
 def _run_pass(state: SweepState, runs: list[tuple[str, Run]], label: str) -> None:
+    """The runs of one pass: the first evaluation computes every context for all of them (reported to
+    `state.progress` as the pass goes), the others take their results; each row is written as its run ends."""
     lm: SharedPrefillLM = state.lm
     lm.begin_pass([state.settings(run) for _, run in runs], label)
+    unwritten = len(runs)
+    lm.on_contexts = lambda fraction: state.progress(unwritten * fraction)
     try:
         for index, (key, run) in enumerate(runs):
             lm.use(index)
             state.evaluate(key, run, seconds=lm.attributed_seconds)
+            unwritten -= 1
+            state.progress(unwritten * lm.contexts_fraction())
     finally:
         lm.end_pass()
+        state.progress(0.0)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class SharedPrefillLM(KVzapHFLM):
         self._work_seconds: list[float] = []  # per method of the pass: its share of the model work so far
         self._work_in_evaluation = 0.0  # model work (for every method) done during the current evaluation
         self._progress: tqdm | None = None
+        self.on_contexts: Callable[[float], None] = lambda fraction: None  # hears `contexts_fraction()` as it grows
 
     # --- passes ------------------------------------------------------------------------------------------------
     def begin_pass(self, configs: list[MethodConfig], label: str = "pass") -> None:
@@ -109,10 +117,16 @@ class SharedPrefillLM(KVzapHFLM):
         self.reset_stats()
         self._work_in_evaluation = 0.0
 
+    def contexts_fraction(self) -> float:
+        """The fraction of the pass's contexts computed (for every method) so far; 0 before lm-eval says how many."""
+        bar = self._progress
+        return min(1.0, bar.n / bar.total) if bar is not None and bar.total else 0.0
+
     def end_pass(self) -> None:
         """Drop what the pass's methods left waiting, and the methods."""
         self._waiting.clear()
         self._methods, self._configs = [], []
+        self.on_contexts = lambda fraction: None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -227,6 +241,7 @@ class SharedPrefillLM(KVzapHFLM):
         self.work.contexts += context[0].shape[0]
         if self._progress is not None:
             self._progress.update(context[0].shape[0])
+            self.on_contexts(self.contexts_fraction())
         return results
 
     def _prepare_scorers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:

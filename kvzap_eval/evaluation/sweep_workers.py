@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..atomic import write_text_atomic
 from ..errors import ConfigError
 from .sweep import Shard, SweepConfig, identify, merge_tables, plan, refuse_other_identities, row_key
 from .table import read_table
@@ -30,6 +31,12 @@ def worker_paths(output: Path, index: int) -> tuple[Path, Path]:
     """Worker `index`'s table and log, beside the sweep's table."""
     stem = f"{output.name}.worker-{index}"
     return output.with_name(f"{stem}.jsonl"), output.with_name(f"{stem}.log")
+
+
+def progress_path(output: Path, index: int) -> Path:
+    """Where worker `index` keeps the runs' worth of work it has done and not yet written (`run_sweep`'s
+    `progress`), one number, for the parent's progress bar."""
+    return output.with_name(f"{output.name}.worker-{index}.progress")
 
 
 def run_with_workers(config: SweepConfig, workers: int, threads: int | None = None) -> list[dict]:
@@ -55,7 +62,11 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
         else:
             table.unlink(missing_ok=True)
         shard = replace(config, output=table, shard=Shard(index, workers))
-        process = context.Process(target=_work, args=(shard, log, threads), name=f"kvzap-sweep-worker-{index}")
+        progress_path(config.output, index).unlink(missing_ok=True)
+        process = context.Process(
+            target=_work, args=(shard, log, threads, progress_path(config.output, index)),
+            name=f"kvzap-sweep-worker-{index}",
+        )  # fmt: skip
         process.start()
         processes.append(process)
     try:
@@ -83,17 +94,31 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
 
 def _follow(processes, config: SweepConfig, workers: int, before: int, todo: int) -> None:
     """A progress bar over the runs the workers finish, until every worker has ended."""
-    with tqdm(total=todo, desc=f"sweep ({workers} workers)", unit="run") as bar:
+    with tqdm(total=todo, desc=f"sweep ({workers} workers)", unit="run", bar_format=_BAR) as bar:
         while any(process.is_alive() for process in processes):
             time.sleep(1.0)
             finished = sum(_rows(worker_paths(config.output, i)[0]) - before for i in range(workers))
-            bar.update(max(0, finished - bar.n))
+            in_flight = sum(_in_flight(progress_path(config.output, i)) for i in range(workers))
+            bar.n = min(todo, max(bar.n, finished + in_flight))  # runs written, and the parts of runs computed
+            bar.refresh()
         for process in processes:
             process.join()
 
 
+#: tqdm's default bar with the runs done shown to one decimal (a pass's runs advance together, context by context)
+_BAR = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 def _rows(table: Path) -> int:
     return len(read_table(table)) if table.exists() else 0
+
+
+def _in_flight(path: Path) -> float:
+    """A worker's runs' worth of work done and not yet written; 0 when it has not said (or is mid-write)."""
+    try:
+        return max(0.0, float(path.read_text()))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def _join(config: SweepConfig, workers: int) -> None:
@@ -102,12 +127,13 @@ def _join(config: SweepConfig, workers: int) -> None:
     present = [table for table in tables if table.exists()]
     if present:
         merge_tables(config.output, present)
-    for table in tables:
+    for index, table in enumerate(tables):
         table.unlink(missing_ok=True)
+        progress_path(config.output, index).unlink(missing_ok=True)
 
 
-def _work(config: SweepConfig, log: Path, threads: int) -> None:
-    """One worker: its shard of the sweep, its output in its log."""
+def _work(config: SweepConfig, log: Path, threads: int, progress: Path) -> None:
+    """One worker: its shard of the sweep, its output in its log, its work in flight in `progress`."""
     with open(log, "w", buffering=1) as stream:
         os.dup2(stream.fileno(), sys.stdout.fileno())
         os.dup2(stream.fileno(), sys.stderr.fileno())
@@ -116,4 +142,4 @@ def _work(config: SweepConfig, log: Path, threads: int) -> None:
         torch.set_num_threads(threads)
         from .sweep import run_sweep
 
-        run_sweep(config)
+        run_sweep(config, progress=lambda runs: write_text_atomic(progress, f"{runs:.4f}"))
