@@ -20,7 +20,7 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
-from ..plotting import pyplot
+from .curve_plot import CurvePoints, plot_curves
 from .curves import Curve, Point, common_tasks, groups, highest_within_full, interpolate, points
 from .intervals import Estimate, difference, task_estimate
 from .table import identity_fields, load_table
@@ -149,33 +149,11 @@ def markdown(tables: list[tuple[str, list[dict]]], command: str) -> str:
 
 def plot(all_points: list[Point], length: int, path: Path) -> None:
     """Average accuracy vs compression at one length, one curve per (table, method), 95% error bars."""
-    plt = pyplot()
-
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    curves: dict[Curve, list[Point]] = defaultdict(list)
+    curves: dict[str, CurvePoints] = defaultdict(list)
     for p in all_points:
         if p.length == length:
-            curves[p.curve].append(p)
-    for curve, members in sorted(curves.items(), key=lambda kv: kv[0].name):
-        members.sort(key=lambda p: p.compression)
-        ys = [100 * p.accuracy.mean for p in members]
-        err = [
-            [100 * (p.accuracy.mean - p.accuracy.low) for p in members],
-            [100 * (p.accuracy.high - p.accuracy.mean) for p in members],
-        ]
-        if curve.method == "full":
-            axis.axhspan(100 * members[0].accuracy.low, 100 * members[0].accuracy.high, color="grey", alpha=0.2)
-            axis.axhline(ys[0], color="black", linestyle="--", label="full cache (95% band)")
-        else:
-            axis.errorbar([p.compression for p in members], ys, yerr=err, marker="o", capsize=3, label=curve.name)
-    axis.set_xlabel("compression ratio (fraction of KV entries evicted)")
-    axis.set_ylabel("accuracy (%), 95% intervals")
-    axis.set_title(f"average over tasks, {length} tokens")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+            curves["full" if p.curve.method == "full" else p.curve.name].append((p.compression, p.accuracy))
+    plot_curves(curves, path, f"average over tasks, {length} tokens")
 
 
 def write_comparison(specs: list[tuple[str, Path]], out_dir: Path, command: str) -> Path:

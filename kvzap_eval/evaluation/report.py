@@ -18,6 +18,7 @@ from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
 from ..plotting import pyplot
+from .curve_plot import CurvePoints, plot_curves
 from .curves import highest_within_full, interpolate, points, setting_label
 from .intervals import Estimate, average_estimate, task_estimate
 from .table import identity_groups, load_table
@@ -298,32 +299,10 @@ def markdown(rows: list[Row], command: str) -> str:
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
     """Accuracy (%) vs compression ratio, one curve per method (full cache as a horizontal line)."""
-    plt = pyplot()
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    by_method: dict[str, list[Row]] = defaultdict(list)
+    curves: dict[str, CurvePoints] = defaultdict(list)
     for r in rows:
-        by_method[r["method"]].append(r)
-    for method, members in sorted(by_method.items()):
-        members.sort(key=lambda r: r["compression_ratio"])
-        xs = [r["compression_ratio"] for r in members]
-        ys = [100 * r["accuracy"] for r in members]
-        estimates = [estimate_of(r) for r in members]
-        err = [[100 * (e.mean - e.low) for e in estimates], [100 * (e.high - e.mean) for e in estimates]]
-        if method == "full":
-            axis.axhspan(100 * estimates[0].low, 100 * estimates[0].high, color="grey", alpha=0.2)
-            axis.axhline(ys[0], color="black", linestyle="--", label="full cache (95% band)")
-        else:
-            axis.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
-    axis.set_xlabel("compression ratio (fraction of KV entries evicted)")
-    axis.set_ylabel("accuracy (%), 95% intervals")
-    axis.set_title(title)
-    axis.set_ylim(-2, 102)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        curves[r["method"]].append((r["compression_ratio"], estimate_of(r)))
+    plot_curves(curves, path, title)
 
 
 def plot_frontier(rows: list[Row], path: Path) -> bool:
