@@ -113,6 +113,30 @@ def test_concurrent_writers_and_a_repair_lose_no_row(tmp_path):
     assert (tmp_path / f"t.jsonl{TORN_SUFFIX}").read_text() == '{"torn\n'
 
 
+def test_rows_of_workers_killed_before_their_merge_are_kept_by_the_next_sweep(tmp_path, capsys):
+    """A `--workers` sweep whose parent (or machine) died leaves `<output>.worker-i.jsonl` unmerged; the next
+    `kvzap-eval sweep` on that output merges them first (a rerun used to copy the output over them: rows lost)."""
+    from kvzap_eval.evaluation.sweep_workers import recover_worker_tables, worker_paths
+
+    identity = {"model": "m"}
+    output = write_rows(tmp_path / "t.jsonl", [row(task="a", identity=identity)])
+    first, second = worker_paths(output, 0)[0], worker_paths(output, 1)[0]
+    write_rows(first, [row(task="a", identity=identity), row(task="b", identity=identity)], tail='{"torn')
+    write_rows(second, [row(task="a", identity=identity), row(task="c", identity=identity)])
+    write_rows(tmp_path / "other.jsonl.worker-0.jsonl", [row(task="z", identity=identity)])  # another sweep's
+
+    assert recover_worker_tables(output) == 2
+    assert [r["task"] for r in load_table(output)] == ["a", "b", "c"]
+    assert recover_worker_tables(output) == 0  # merging them again adds nothing
+    assert [r["task"] for r in load_table(output)] == ["a", "b", "c"]  # and "z" of another sweep is not taken
+
+    write_rows(first, [row(task="d", identity=identity)])
+    argv = ["sweep", "--output", str(output), "--tasks", TINY_TASK, "--methods", "random", "--ratios", "1.5"]
+    assert cli.main(argv) != 0  # the sweep itself refuses --ratios 1.5; the leftover rows were kept before that
+    assert "kept 1 rows an interrupted --workers sweep had left" in capsys.readouterr().out
+    assert [r["task"] for r in load_table(output)] == ["a", "b", "c", "d"]
+
+
 def test_merge_leaves_out_an_inputs_torn_line_and_moves_the_outputs_aside(tmp_path, capsys):
     identity = {"model": "m"}
     shard = write_rows(tmp_path / "s.jsonl", [row(task="a", identity=identity)], tail='{"acc')

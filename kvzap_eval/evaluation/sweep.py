@@ -551,11 +551,14 @@ def main(argv: list[str] | None = None) -> int:
         " merged into --output",
     )
     args = parser.parse_args(argv)
+    from .sweep_workers import recover_worker_tables, run_with_workers
+
+    recovered = recover_worker_tables(args.output)  # first: they are the user's rows whatever else is wrong
+    if recovered:
+        print(f"kept {recovered} rows an interrupted --workers sweep had left beside {args.output}")
     config = SweepConfig(output=args.output, shard=Shard.parse(args.shard), engine=args.engine, **sweep_settings(args))
     try:
         if args.workers > 1:
-            from .sweep_workers import run_with_workers
-
             rows = run_with_workers(config, args.workers)
         else:
             rows = run_sweep(config)

@@ -6,11 +6,14 @@ beside `--output` (`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). 
 of `--output`, so the runs already there are skipped. When the workers end, their tables are merged into
 `--output` (`merge_tables`: one row per run) and removed; a worker that failed leaves its log and is named in one
 error line, after the rows that did finish were merged. The rows are the same as one process's: the same runs,
-each computed as `--engine` computes it.
+each computed as `--engine` computes it. Worker tables left by a sweep that was killed before it could merge them
+(its process or its machine gone) are merged into `--output` by the next `kvzap-eval sweep` on it
+(`recover_worker_tables`) before anything else, so a rerun resumes after every run any worker finished.
 """
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import shutil
@@ -39,6 +42,14 @@ def progress_path(output: Path, index: int) -> Path:
     return output.with_name(f"{output.name}.worker-{index}.progress")
 
 
+def recover_worker_tables(output: Path) -> int:
+    """Merge into `output` the worker tables an interrupted `--workers` sweep left beside it (any worker count);
+    returns the rows this added. The tables stay (they may be a live sweep's; `run_with_workers` replaces them and
+    removes them when it ends); merging them again adds nothing. A torn last line is left out."""
+    tables = sorted(Path(path) for path in glob.glob(glob.escape(str(output)) + ".worker-*.jsonl"))
+    return merge_tables(output, tables)[1] if tables else 0
+
+
 def run_with_workers(config: SweepConfig, workers: int, threads: int | None = None) -> list[dict]:
     """Run `config` as `workers` shards in parallel processes and merge them into `config.output`; returns its
     rows. `threads`: torch threads per worker (default: this machine's CPUs shared out, at least 1)."""
@@ -47,6 +58,7 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
     if config.shard != Shard():
         raise ConfigError("--workers splits the sweep into its own shards: leave out --shard")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    recover_worker_tables(config.output)
     runs = plan(config)
     identity = identify(config)  # the checks a worker would make, made once before any process starts
     existing = read_table(config.output)
