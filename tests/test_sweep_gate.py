@@ -115,6 +115,12 @@ def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
     assert "84.0, KVzap 78.0, +6.0 points below it [on 1 of 2 tasks: a]" in lines[3]
     assert lines[3].endswith("MISSED (target: KVzap within 3 points of KVzip+)")
 
+    # a gap just over 2 points is missed, and says so with the digits that show why (it read "+2.0 ...: MISSED")
+    edge = rows("full", 0.0, {"a": 0.7644, "b": 0.7644}) + rows("kvzap_mlp", 0.70, {"a": 0.744, "b": 0.744}, tau=-3.0)
+    assert targets(edge, 1024)[0].endswith(
+        "74.4 vs full 76.4, +2.04 points below: MISSED (target: >= 3x within 2 points)"
+    )
+
 
 def test_sweep_defaults_to_the_surrogates_recommended_threshold(tiny, tmp_path):
     from kvzap_eval.runtime.methods import default_threshold

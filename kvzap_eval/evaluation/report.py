@@ -181,7 +181,7 @@ def targets(rows: list[Row], length: int) -> list[str]:
     lines = [
         f"- {length} tokens, KVzap-MLP tau={tau} at {1 / (1 - best['compression_ratio']):.2f}x"
         f" (ratio {best['compression_ratio']:.3f}){note}{where}: {100 * best['accuracy']:.1f} vs full"
-        f" {100 * full['accuracy']:.1f}, {gap:+.1f} points below: "
+        f" {100 * full['accuracy']:.1f}, {gap:+.2f} points below: "
         + ("met (within 2)" if gap <= 2 and reaching else "MISSED (target: >= 3x within 2 points)")
     ]
     # each baseline at the chosen tau's ratio, else at another tau where it and KVzap were both measured
