@@ -451,7 +451,7 @@ def sweep_argv(tiny, tmp_path):
         ({"--device": "gpu0"}, "--device 'gpu0' is not a torch device"),
         ({"--shard": "2/2"}, "--shard '2/2'"),
         ({"--workers": "0"}, "--workers: must be at least 1"),
-        ({"--workers": "2", "--shard": "1/2"}, "--workers splits the sweep into its own shards: leave out --shard"),
+        ({"--workers": "2", "--shard": "1/2"}, "groups out itself: leave out --shard"),
     ],
 )  # fmt: skip
 def test_every_bad_sweep_argument_is_one_line(sweep_argv, capsys, tmp_path, changes, says):

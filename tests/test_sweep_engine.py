@@ -271,6 +271,26 @@ def test_workers_split_the_sweep_and_merge_it_into_the_same_rows(tiny, tmp_path)
     assert figures(run_with_workers(config, 2, threads=1)) == figures(whole)  # nothing left to do
 
 
+def test_workers_take_the_groups_with_the_most_runs_left_first(tiny, tmp_path):
+    """The queue the workers draw from: groups with runs left, most first; a resumed sweep whose remaining groups
+    would all have fallen into one fixed shard still gives both workers one."""
+    from kvzap_eval.evaluation.sweep import identify, row_key
+    from kvzap_eval.evaluation.sweep_workers import groups_to_run, run_with_workers
+
+    config = sweep_config(tiny, tmp_path / "t.jsonl", lengths=[1024, 2048, 3072], methods=["full", "kvzap_mlp"])
+    runs, identity = plan(config), identify(config)
+    done = {
+        row_key(run, identity) for run in runs if run.length == 2048 or (run.length == 1024 and run.method == "full")
+    }
+    assert groups_to_run(runs, done, identity) == [("kvzap_tiny_generation", 3072), ("kvzap_tiny_generation", 1024)]
+    assert groups_to_run(runs, {row_key(run, identity) for run in runs}, identity) == []
+
+    whole = run_sweep(sweep_config(tiny, tmp_path / "whole.jsonl", lengths=[1024, 2048, 3072], methods=["full"]))
+    split = sweep_config(tiny, tmp_path / "split.jsonl", lengths=[1024, 2048, 3072], methods=["full"])
+    run_sweep(split, runs=[run for run in plan(split) if run.length == 2048])  # left: positions 0 and 2 (shard 0/2)
+    assert figures(run_with_workers(split, 2, threads=1)) == figures(whole)
+
+
 def test_a_pass_reports_its_runs_in_flight_context_by_context(tiny, tmp_path):
     """`run_sweep(progress=...)` hears the runs' worth of work done and not yet in the table: a pass of k runs rises
     to k as its contexts are computed (for all its runs at once), then falls by one as each row is written."""

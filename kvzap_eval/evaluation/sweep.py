@@ -369,9 +369,11 @@ def run_sweep(config: SweepConfig, runs: Iterable[Run] | None = None, progress: 
     return list(execute(config, runs, progress).done.values())
 
 
-def execute(config: SweepConfig, runs: Iterable[Run] | None = None, progress: Progress | None = None) -> SweepState:
-    """`run_sweep`, returning the sweep's state: the whole table (`done`) and the model it loaded (None when every
-    run was already in the table)."""
+def execute(
+    config: SweepConfig, runs: Iterable[Run] | None = None, progress: Progress | None = None, lm=None
+) -> SweepState:
+    """`run_sweep`, returning the sweep's state: the whole table (`done`) and the model it used (None when every
+    run was already in the table). `lm`: a model an earlier `execute` of the same `config` loaded, used again."""
     runs = list(plan(config) if runs is None else runs)
     identity = identify(config)
     planned = {row_key(run, identity): run for run in runs}
@@ -380,7 +382,7 @@ def execute(config: SweepConfig, runs: Iterable[Run] | None = None, progress: Pr
     done = {row["key"]: row for row in rows}
     if all(key in done for key in planned):
         return SweepState(config, identity, None, done, {})
-    lm = load_lm(config, identity.pretrained)
+    lm = lm if lm is not None else load_lm(config, identity.pretrained)
     if lm.rank == 0:  # the only writer: torn or malformed lines go to <table>.torn before anything is appended
         done = {row["key"]: row for row in repair_table(config.output)}
     done = _from_rank_zero(lm, done)  # under accelerate, rank 0's table decides what is left

@@ -1,12 +1,14 @@
 """`kvzap-eval sweep --workers N`: one sweep split over N processes on this machine, then joined.
 
-Each worker is `--shard i/N` of the same sweep (whole (task, length) groups, so a fixed-ratio run finds its KVzap
-reference in its own table), run in a spawned process with its share of the CPU threads, writing its own table
-beside `--output` (`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a copy
-of `--output`, so the runs already there are skipped. When the workers end, their tables are merged into
-`--output` (`merge_tables`: one row per run) and removed; a worker that failed leaves its log and is named in one
-error line, after the rows that did finish were merged. The rows are the same as one process's: the same runs,
-each computed as `--engine` computes it. Worker tables left by a sweep that was killed before it could merge them
+The workers take whole (task, length) groups one at a time from a shared queue, the groups with the most runs
+left first (a fixed `--shard i/N` split could leave one worker alone with the last groups while the other idled),
+so a fixed-ratio run finds its KVzap reference in its own worker. Each worker runs in a spawned process with its
+share of the CPU threads, loads the model once, and writes its own table beside `--output`
+(`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a copy of `--output`, so
+the runs already there are skipped. When the workers end, their tables are merged into `--output` (`merge_tables`:
+one row per run) and removed; a worker that failed leaves its log and is named in one error line, after the rows
+that did finish were merged. The rows are the same as one process's: the same runs, each computed as `--engine`
+computes it. Worker tables left by a sweep that was killed before it could merge them
 (its process or its machine gone) are merged into `--output` by the next `kvzap-eval sweep` on it
 (`recover_worker_tables`) before anything else, so a rerun resumes after every run any worker finished.
 """
@@ -19,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from ..atomic import write_text_atomic
 from ..errors import ConfigError
-from .sweep import Shard, SweepConfig, identify, merge_tables, plan, refuse_other_identities, row_key
+from .sweep import Run, Shard, SweepConfig, identify, merge_tables, plan, refuse_other_identities, row_key
 from .table import read_table
 
 
@@ -51,12 +54,13 @@ def recover_worker_tables(output: Path) -> int:
 
 
 def run_with_workers(config: SweepConfig, workers: int, threads: int | None = None) -> list[dict]:
-    """Run `config` as `workers` shards in parallel processes and merge them into `config.output`; returns its
-    rows. `threads`: torch threads per worker (default: this machine's CPUs shared out, at least 1)."""
+    """Run `config` in `workers` parallel processes (its (task, length) groups shared out from a queue) and merge
+    their tables into `config.output`; returns its rows. `threads`: torch threads per worker (default: this
+    machine's CPUs shared out, at least 1)."""
     if workers < 2:
         raise ConfigError(f"--workers {workers}: give 2 or more (or leave it out for one process)")
     if config.shard != Shard():
-        raise ConfigError("--workers splits the sweep into its own shards: leave out --shard")
+        raise ConfigError("--workers shares the sweep's (task, length) groups out itself: leave out --shard")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     recover_worker_tables(config.output)
     runs = plan(config)
@@ -66,6 +70,11 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
     done = {row["key"] for row in existing}
     todo = sum(1 for run in runs if row_key(run, identity) not in done)
     context = multiprocessing.get_context("spawn")
+    groups = context.Queue()
+    for group in groups_to_run(runs, done, identity):
+        groups.put(group)
+    for _ in range(workers):
+        groups.put(None)  # one "no more groups" for each worker
     processes = []
     for index in range(workers):
         table, log = worker_paths(config.output, index)
@@ -73,10 +82,10 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
             shutil.copyfile(config.output, table)
         else:
             table.unlink(missing_ok=True)
-        shard = replace(config, output=table, shard=Shard(index, workers))
-        progress_path(config.output, index).unlink(missing_ok=True)
+        progress = progress_path(config.output, index)
+        progress.unlink(missing_ok=True)
         process = context.Process(
-            target=_work, args=(shard, log, threads, progress_path(config.output, index)),
+            target=_work, args=(replace(config, output=table), log, threads, progress, groups),
             name=f"kvzap-sweep-worker-{index}",
         )  # fmt: skip
         process.start()
@@ -102,6 +111,13 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
     for index in range(workers):
         worker_paths(config.output, index)[1].unlink(missing_ok=True)
     return read_table(config.output)
+
+
+def groups_to_run(runs: list[Run], done: set[str], identity) -> list[tuple[str, int]]:
+    """The (task, length) groups with runs not in the table, those with the most runs left first (in plan order
+    among equals): the long groups start first, so the last ones to end are short."""
+    left = Counter((run.task, run.length) for run in runs if row_key(run, identity) not in done)
+    return sorted(left, key=lambda group: -left[group])
 
 
 def _follow(processes, config: SweepConfig, workers: int, before: int, todo: int) -> None:
@@ -144,14 +160,18 @@ def _join(config: SweepConfig, workers: int) -> None:
         progress_path(config.output, index).unlink(missing_ok=True)
 
 
-def _work(config: SweepConfig, log: Path, threads: int, progress: Path) -> None:
-    """One worker: its shard of the sweep, its output in its log, its work in flight in `progress`."""
+def _work(config: SweepConfig, log: Path, threads: int, progress: Path, groups) -> None:
+    """One worker: (task, length) groups from the `groups` queue until it says None, one model for all of them; its
+    output in its log, its work in flight in `progress`."""
     with open(log, "w", buffering=1) as stream:
         os.dup2(stream.fileno(), sys.stdout.fileno())
         os.dup2(stream.fileno(), sys.stderr.fileno())
         import torch
 
         torch.set_num_threads(threads)
-        from .sweep import run_sweep
+        from .sweep import execute
 
-        run_sweep(config, progress=lambda runs: write_text_atomic(progress, f"{runs:.4f}"))
+        runs, lm = plan(config), None
+        while (group := groups.get()) is not None:
+            mine = [run for run in runs if (run.task, run.length) == tuple(group)]
+            lm = execute(config, mine, lambda n: write_text_atomic(progress, f"{n:.4f}"), lm).lm or lm
