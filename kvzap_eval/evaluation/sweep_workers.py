@@ -33,23 +33,28 @@ from .sweep import Run, Shard, SweepConfig, identify, merge_tables, plan, refuse
 from .table import read_table
 
 
+def _worker_file(output: Path, index: int | str, suffix: str) -> Path:
+    """`<output>.worker-<index>.<suffix>`: the one naming rule of a worker's files (index "*": a glob pattern)."""
+    return output.with_name(f"{output.name}.worker-{index}.{suffix}")
+
+
 def worker_paths(output: Path, index: int) -> tuple[Path, Path]:
     """Worker `index`'s table and log, beside the sweep's table."""
-    stem = f"{output.name}.worker-{index}"
-    return output.with_name(f"{stem}.jsonl"), output.with_name(f"{stem}.log")
+    return _worker_file(output, index, "jsonl"), _worker_file(output, index, "log")
 
 
 def progress_path(output: Path, index: int) -> Path:
     """Where worker `index` keeps the runs' worth of work it has done and not yet written (`run_sweep`'s
     `progress`), one number, for the parent's progress bar."""
-    return output.with_name(f"{output.name}.worker-{index}.progress")
+    return _worker_file(output, index, "progress")
 
 
 def recover_worker_tables(output: Path) -> int:
     """Merge into `output` the worker tables an interrupted `--workers` sweep left beside it (any worker count);
     returns the rows this added. The tables stay (they may be a live sweep's; `run_with_workers` replaces them and
     removes them when it ends); merging them again adds nothing. A torn last line is left out."""
-    tables = sorted(Path(path) for path in glob.glob(glob.escape(str(output)) + ".worker-*.jsonl"))
+    pattern = _worker_file(Path(glob.escape(str(output))), "*", "jsonl")
+    tables = sorted(Path(path) for path in glob.glob(str(pattern)))
     return merge_tables(output, tables)[1] if tables else 0
 
 
