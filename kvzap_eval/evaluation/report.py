@@ -1,7 +1,7 @@
 """`kvzap-eval report`: accuracy vs compression from a sweep table, as markdown and PNG plots.
 
 One curve per method, per task and averaged over tasks (per context length), plus a summary table of every method
-at each KVzap threshold. Plots need matplotlib (`pip install 'kvzap-eval[report]'`).
+at each KVzap threshold, and what the table holds (`coverage`: each setting and on how many tasks it ran). Plots need matplotlib (`pip install 'kvzap-eval[report]'`).
 
 The table is read strictly (`table.load_table`): missing, empty or malformed is a one-line error. A table that mixes
 runs of different identities (joined on purpose by `kvzap-eval merge --allow-mixed`) gets one report per identity,
@@ -18,6 +18,7 @@ from ..atomic import write_text_atomic
 from ..cli_args import OneLineParser, check_writable_dir
 from ..errors import ConfigError, require
 from ..plotting import pyplot
+from .coverage import coverage_lines
 from .curve_plot import CurvePoints, plot_curves
 from .curves import highest_within_full, interpolate, points, setting_label
 from .intervals import Estimate, average_estimate, task_estimate
@@ -243,8 +244,8 @@ def targets(rows: list[Row], length: int) -> list[str]:
 
 
 def markdown(rows: list[Row], command: str) -> str:
-    """The report's text: the command, the targets, then one table per context length (methods x settings,
-    averaged over tasks) and the per-task rows."""
+    """The report's text: the command, the targets, what the table holds, then one table per context length
+    (methods x settings, averaged over tasks) and the per-task rows."""
     lines = ["# Accuracy vs compression", "", f"Produced by: `{command}`", ""]
     average = averaged(rows)
     ns = sorted({r["n"] for r in rows})
@@ -267,6 +268,12 @@ def markdown(rows: list[Row], command: str) -> str:
         + (" With the setting `ratio=R` they ran at their own compression ratio R (`sweep --ratios`)." if grid else "")
         + " Accuracy of one task is a fraction of its n"
         " samples" + (f" (n = {ns[0]}: steps of {100 / ns[0]:.0f} points)." if len(ns) == 1 else "."),
+        "",
+        "## What the table holds",
+        "",
+        "The averages below keep a setting only where it was measured on every task of its length; the table holds:",
+        "",
+        *coverage_lines(rows),
         "",
     ]
     for length in sorted({r["length"] for r in rows}):
