@@ -211,6 +211,15 @@ def test_report_targets_read_a_fixed_ratio_grid_at_kvzaps_compression(tables):
     assert "streaming at the same ratio: not measured" in text
     narrow = [r for r in rows if not (r["method"] == "random" and r["ratio"] == 0.6)]  # grid 0.8 only: 0.7 outside
     assert "- 1024 tokens, random at the same ratio: not measured" in markdown(narrow, "r")
+    # a grid point measured on one task only is left out while the others span KVzap's compression on every task
+    partial = rows + [{**_row("random", "a", 0.5, 0.5), "ratio": 0.5, "key": "random|ratio=0.5|a|1024"}]
+    assert "60.0, +50.0 points below KVzap: met" in markdown(partial, "r")
+    # ... and used, over the tasks it has, when the complete points do not span it
+    partial = narrow + [{**_row("random", "a", 0.4, 0.6), "ratio": 0.6, "key": "random|ratio=0.6|a|1024"}]
+    assert (
+        "(0.700, interpolated on its ratio grid): 20.0, KVzap 60.0, +40.0 points below KVzap [on 1 of 2 tasks: a]"
+        in (markdown(partial, "r"))
+    )
 
 
 def test_report_draws_the_summary_figure(tables, tmp_path):

@@ -1,7 +1,8 @@
 """`kvzap-eval report`: accuracy vs compression from a sweep table, as markdown and PNG plots.
 
 One curve per method, per task and averaged over tasks (per context length), plus a summary table of every method
-at each KVzap threshold, and what the table holds (`coverage`: each setting and on how many tasks it ran). Plots need matplotlib (`pip install 'kvzap-eval[report]'`).
+at each KVzap threshold, and what the table holds (`coverage`: each setting and on how many tasks it ran). Plots
+need matplotlib (`pip install 'kvzap-eval[report]'`).
 
 The table is read strictly (`table.load_table`): missing, empty or malformed is a one-line error. A table that mixes
 runs of different identities (joined on purpose by `kvzap-eval merge --allow-mixed`) gets one report per identity,
@@ -134,22 +135,27 @@ def _on_ratio_grid(
     rows: list[Row], length: int, method: str, kvzap: dict[str, Row], n_tasks: int
 ) -> tuple[float, float, float, str] | None:
     """KVzap's mean accuracy, `method`'s accuracy interpolated on its own ratio grid (`sweep --ratios`) at KVzap's
-    mean compression, that compression, and the subset note: over the tasks KVzap and every grid point measured.
-    None without such tasks or when KVzap's compression lies outside the grid's."""
+    mean compression, that compression, and the subset note. Over every task KVzap measured when the grid points
+    measured on all of them span its compression (points on fewer tasks left out), else over the tasks KVzap and
+    every grid point measured. None without such tasks or when KVzap's compression lies outside the grid's."""
     grid = [r for r in rows if r["length"] == length and r["method"] == method and r.get("ratio") is not None]
     per_setting: dict[float, set[str]] = defaultdict(set)
     for r in grid:
         per_setting[r["ratio"]].add(r["task"])
-    common = sorted(set(kvzap).intersection(*per_setting.values())) if per_setting else []
-    if not common:
-        return None
-    curve, _ = points([("", [r for r in grid if r["task"] in common])])
-    compression = sum(kvzap[t]["compression_ratio"] for t in common) / len(common)
-    estimate = interpolate(curve, compression)
-    if estimate is None:
-        return None
-    subset = "" if len(common) == n_tasks else f" [on {len(common)} of {n_tasks} tasks: {', '.join(common)}]"
-    return sum(kvzap[t]["accuracy"] for t in common) / len(common), estimate.mean, compression, subset
+    covering = {ratio for ratio, tasks in per_setting.items() if set(kvzap) <= tasks}
+    attempts = [(sorted(kvzap), covering)] if covering else []
+    if per_setting:
+        attempts.append((sorted(set(kvzap).intersection(*per_setting.values())), set(per_setting)))
+    for common, ratios in attempts:
+        if not common:
+            continue
+        curve, _ = points([("", [r for r in grid if r["task"] in common and r["ratio"] in ratios])])
+        compression = sum(kvzap[t]["compression_ratio"] for t in common) / len(common)
+        estimate = interpolate(curve, compression)
+        if estimate is not None:
+            subset = "" if len(common) == n_tasks else f" [on {len(common)} of {n_tasks} tasks: {', '.join(common)}]"
+            return sum(kvzap[t]["accuracy"] for t in common) / len(common), estimate.mean, compression, subset
+    return None
 
 
 def _within_kvzip_plus(below: float) -> str:
