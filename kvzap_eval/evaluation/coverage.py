@@ -8,28 +8,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .curves import setting_label
-
-
-def _order(row: dict) -> tuple[str, float]:
-    """Settings of one method in reading order: by kind, then by their number (taus low to high, ratios likewise)."""
-    for kind in ("threshold", "ratio", "matched_threshold"):
-        if row.get(kind) is not None:
-            return kind, float(row[kind])
-    return "", 0.0
+from .curves import setting_label, setting_order, tasks_by_length
 
 
 def coverage_lines(rows: list[dict]) -> list[str]:
     """A markdown table: for each length and method, its settings grouped by the number of the length's tasks they
     were measured on (most first), e.g. `tau=-5.0, tau=-4.0 (9/9); tau=0.0 (4/9)`."""
-    tasks_at: dict[int, set[str]] = defaultdict(set)
+    tasks_at = tasks_by_length(rows)
     measured: dict[tuple[int, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     order: dict[str, tuple[str, float]] = {}
     for row in rows:
         label = setting_label(row)
-        tasks_at[row["length"]].add(row["task"])
         measured[(row["length"], row["method"])][label].add(row["task"])
-        order[label] = _order(row)
+        order[label] = setting_order(row)
     lines = ["| length | method | settings (tasks measured, of the length's) |", "|---|---|---|"]
     for (length, method), settings in sorted(measured.items()):
         by_count: dict[int, list[str]] = defaultdict(list)

@@ -23,6 +23,22 @@ def setting_label(row: dict) -> str:
     return f"ratio of tau={row.get('matched_threshold')}"
 
 
+def setting_order(row: dict) -> tuple[str, float]:
+    """A sort key for a method's settings in reading order: by kind, then by their number (taus low to high)."""
+    for kind in ("threshold", "ratio", "matched_threshold"):
+        if row.get(kind) is not None:
+            return kind, float(row[kind])
+    return "", 0.0
+
+
+def tasks_by_length(rows: list[dict]) -> dict[int, set[str]]:
+    """length -> the tasks a table measured at that length."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for r in rows:
+        out[r["length"]].add(r["task"])
+    return out
+
+
 @dataclass(frozen=True)
 class Curve:
     """One (table label, method) curve; the full cache is one curve whichever table holds it."""

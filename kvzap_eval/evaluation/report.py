@@ -21,7 +21,7 @@ from ..errors import ConfigError, require
 from ..plotting import pyplot
 from .coverage import coverage_lines
 from .curve_plot import CurvePoints, plot_curves
-from .curves import highest_within_full, interpolate, points, setting_label
+from .curves import highest_within_full, interpolate, points, setting_label, tasks_by_length
 from .intervals import Estimate, average_estimate, task_estimate
 from .table import identity_groups, load_table
 
@@ -57,14 +57,6 @@ def averaged(rows: list[Row]) -> list[Row]:
                 "accuracy_stderr": average_estimate(members).stderr,
             }
         )
-    return out
-
-
-def tasks_by_length(rows: list[Row]) -> dict[int, set[str]]:
-    """length -> the tasks the table measured at that length."""
-    out: dict[int, set[str]] = defaultdict(set)
-    for r in rows:
-        out[r["length"]].add(r["task"])
     return out
 
 
@@ -144,7 +136,7 @@ def _on_ratio_grid(
         per_setting[r["ratio"]].add(r["task"])
     covering = {ratio for ratio, tasks in per_setting.items() if set(kvzap) <= tasks}
     attempts = [(sorted(kvzap), covering)] if covering else []
-    if per_setting:
+    if per_setting and covering != set(per_setting):  # else the wider attempt is the same one
         attempts.append((sorted(set(kvzap).intersection(*per_setting.values())), set(per_setting)))
     for common, ratios in attempts:
         if not common:
