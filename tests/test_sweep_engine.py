@@ -275,20 +275,49 @@ def test_workers_take_the_groups_with_the_most_runs_left_first(tiny, tmp_path):
     """The queue the workers draw from: groups with runs left, most first; a resumed sweep whose remaining groups
     would all have fallen into one fixed shard still gives both workers one."""
     from kvzap_eval.evaluation.sweep import identify, row_key
-    from kvzap_eval.evaluation.sweep_workers import groups_to_run, run_with_workers
+    from kvzap_eval.evaluation.sweep_workers import run_with_workers, units_to_run
 
     config = sweep_config(tiny, tmp_path / "t.jsonl", lengths=[1024, 2048, 3072], methods=["full", "kvzap_mlp"])
     runs, identity = plan(config), identify(config)
     done = {
         row_key(run, identity) for run in runs if run.length == 2048 or (run.length == 1024 and run.method == "full")
     }
-    assert groups_to_run(runs, done, identity) == [("kvzap_tiny_generation", 3072), ("kvzap_tiny_generation", 1024)]
-    assert groups_to_run(runs, {row_key(run, identity) for run in runs}, identity) == []
+    assert units_to_run(runs, done, identity, 2) == [
+        ("full|None|kvzap_tiny_generation|3072", "kvzap_mlp|0.0|kvzap_tiny_generation|3072"),
+        ("kvzap_mlp|0.0|kvzap_tiny_generation|1024",),
+    ]
+    assert units_to_run(runs, {row_key(run, identity) for run in runs}, identity, 2) == []
 
     whole = run_sweep(sweep_config(tiny, tmp_path / "whole.jsonl", lengths=[1024, 2048, 3072], methods=["full"]))
     split = sweep_config(tiny, tmp_path / "split.jsonl", lengths=[1024, 2048, 3072], methods=["full"])
     run_sweep(split, runs=[run for run in plan(split) if run.length == 2048])  # left: positions 0 and 2 (shard 0/2)
     assert figures(run_with_workers(split, 2, threads=1)) == figures(whole)
+
+
+def test_fewer_groups_than_workers_are_cut_so_every_worker_has_runs(tiny, tmp_path):
+    """One (task, length) group and two workers: the group is cut in two units of about equal size, each fixed-ratio
+    run in the unit of the KVzap run it is matched to (unless that run is already in the table); the rows are one
+    process's."""
+    from kvzap_eval.evaluation.sweep import identify, row_key
+    from kvzap_eval.evaluation.sweep_workers import run_with_workers, units_to_run
+
+    methods = dict(methods=["full", "kvzap_mlp", "random", "streaming"], thresholds=[0.0, 1.0])
+    config = sweep_config(tiny, tmp_path / "split.jsonl", **methods)
+    runs, identity = plan(config), identify(config)
+    units = units_to_run(runs, set(), identity, 2)
+    assert sorted(key for unit in units for key in unit) == sorted(run.key for run in runs)  # each run once
+    assert [len(unit) for unit in units] == [4, 3]  # each tau with its two matched runs; full joins the first
+    for unit in units:
+        for run in (run for run in runs if run.key in unit and run.matched_threshold is not None):
+            assert run.reference().key in unit
+            assert list(unit).index(run.reference().key) < list(unit).index(run.key)  # plan order inside a unit
+    tau0 = {row_key(run, identity) for run in runs if run.threshold == 0.0}  # KVzap at tau 0 already in the table
+    assert [len(unit) for unit in units_to_run(runs, tau0, identity, 2)] == [3, 3]  # its matched runs go anywhere
+    assert units_to_run(runs, set(), identity, 1) == [tuple(run.key for run in runs)]  # enough groups: whole
+    assert len(units_to_run(runs, set(), identity, 8)) == 3  # never more units than families
+
+    whole = run_sweep(sweep_config(tiny, tmp_path / "whole.jsonl", **methods))
+    assert figures(run_with_workers(config, 2, threads=1)) == figures(whole)
 
 
 def test_a_pass_reports_its_runs_in_flight_context_by_context(tiny, tmp_path):

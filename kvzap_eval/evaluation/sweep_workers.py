@@ -1,27 +1,29 @@
 """`kvzap-eval sweep --workers N`: one sweep split over N processes on this machine, then joined.
 
-The workers take whole (task, length) groups one at a time from a shared queue, the groups with the most runs
-left first (a fixed `--shard i/N` split could leave one worker alone with the last groups while the other idled),
-so a fixed-ratio run finds its KVzap reference in its own worker. Each worker runs in a spawned process with its
-share of the CPU threads, loads the model once, and writes its own table beside `--output`
-(`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a copy of `--output`, so
-the runs already there are skipped. When the workers end, their tables are merged into `--output` (`merge_tables`:
-one row per run) and removed; a worker that failed leaves its log and is named in one error line, after the rows
-that did finish were merged. The rows are the same as one process's: the same runs, each computed as `--engine`
-computes it. Worker tables left by a sweep that was killed before it could merge them
-(its process or its machine gone) are merged into `--output` by the next `kvzap-eval sweep` on it
-(`recover_worker_tables`) before anything else, so a rerun resumes after every run any worker finished.
+The workers take units of work one at a time from a shared queue, the largest first (a fixed `--shard i/N` split
+could leave one worker alone with the last groups while the other idled). A unit is a whole (task, length) group,
+whose runs share one prefill per context; when there are fewer groups than workers, each group is cut into as many
+units as it takes to give every worker one (each its own prefill: more work in all, less wall time), and a
+fixed-ratio run stays in the unit of the KVzap run whose achieved ratio it needs (`units_to_run`). Each worker runs
+in a spawned process with its share of the CPU threads, loads the model once, and writes its own table beside
+`--output` (`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a copy of
+`--output`, so the runs already there are skipped. When the workers end, their tables are merged into `--output`
+(`merge_tables`: one row per run) and removed; a worker that failed leaves its log and is named in one error line,
+after the rows that did finish were merged. The rows are the same as one process's: the same runs, each computed as
+`--engine` computes it. Worker tables left by a sweep that was killed before it could merge them (its process or its
+machine gone) are merged into `--output` by the next `kvzap-eval sweep` on it (`recover_worker_tables`) before
+anything else, so a rerun resumes after every run any worker finished.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,7 +61,7 @@ def recover_worker_tables(output: Path) -> int:
 
 
 def run_with_workers(config: SweepConfig, workers: int, threads: int | None = None) -> list[dict]:
-    """Run `config` in `workers` parallel processes (its (task, length) groups shared out from a queue) and merge
+    """Run `config` in `workers` parallel processes (its runs shared out from a queue, `units_to_run`) and merge
     their tables into `config.output`; returns its rows. `threads`: torch threads per worker (default: this
     machine's CPUs shared out, at least 1)."""
     if workers < 2:
@@ -75,11 +77,11 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
     done = {row["key"] for row in existing}
     todo = sum(1 for run in runs if row_key(run, identity) not in done)
     context = multiprocessing.get_context("spawn")
-    groups = context.Queue()
-    for group in groups_to_run(runs, done, identity):
-        groups.put(group)
+    queue = context.Queue()
+    for unit in units_to_run(runs, done, identity, workers):
+        queue.put(unit)
     for _ in range(workers):
-        groups.put(None)  # one "no more groups" for each worker
+        queue.put(None)  # one "no more units" for each worker
     processes = []
     for index in range(workers):
         table, log = worker_paths(config.output, index)
@@ -90,7 +92,7 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
         progress = progress_path(config.output, index)
         progress.unlink(missing_ok=True)
         process = context.Process(
-            target=_work, args=(replace(config, output=table), log, threads, progress, groups),
+            target=_work, args=(replace(config, output=table), log, threads, progress, queue),
             name=f"kvzap-sweep-worker-{index}",
         )  # fmt: skip
         process.start()
@@ -118,11 +120,34 @@ def run_with_workers(config: SweepConfig, workers: int, threads: int | None = No
     return read_table(config.output)
 
 
-def groups_to_run(runs: list[Run], done: set[str], identity) -> list[tuple[str, int]]:
-    """The (task, length) groups with runs not in the table, those with the most runs left first (in plan order
-    among equals): the long groups start first, so the last ones to end are short."""
-    left = Counter((run.task, run.length) for run in runs if row_key(run, identity) not in done)
-    return sorted(left, key=lambda group: -left[group])
+def units_to_run(runs: list[Run], done: set[str], identity, workers: int) -> list[tuple[str, ...]]:
+    """The units of work the workers draw from the queue, largest first (in plan order among equals), each the
+    keys of the runs it evaluates: the (task, length) groups with runs not in the table, whole while there are at
+    least `workers` of them (their runs share a prefill per context), else each cut into `ceil(workers / groups)`
+    units of about equal run counts, so that no worker waits with nothing to do. A run matched to a KVzap run
+    that is not in the table goes with it (it needs that run's achieved ratio)."""
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in runs:
+        if row_key(run, identity) not in done:
+            groups.setdefault((run.task, run.length), []).append(run)
+    parts = 1 if len(groups) >= workers else math.ceil(workers / max(1, len(groups)))
+    units = [unit for group in groups.values() for unit in _cut(group, parts, done, identity)]
+    return sorted(units, key=lambda unit: -len(unit))
+
+
+def _cut(group: list[Run], parts: int, done: set[str], identity) -> list[tuple[str, ...]]:
+    """`group`'s runs in at most `parts` units of about equal size (largest families first, each to the smallest
+    unit), a family being a KVzap run and the runs matched to its ratio, or any other run alone."""
+    families: dict[str, list[Run]] = {}
+    for run in group:
+        reference = run.reference()
+        pending = reference is not None and row_key(reference, identity) not in done
+        families.setdefault(reference.key if pending else run.key, []).append(run)
+    units: list[list[Run]] = [[] for _ in range(min(parts, len(families)))]
+    for family in sorted(families.values(), key=len, reverse=True):
+        min(units, key=len).extend(family)
+    order = {run.key: index for index, run in enumerate(group)}  # plan order: a KVzap run before its matched runs
+    return [tuple(run.key for run in sorted(unit, key=lambda run: order[run.key])) for unit in units]
 
 
 def _follow(processes, config: SweepConfig, workers: int, before: int, todo: int) -> None:
@@ -165,8 +190,8 @@ def _join(config: SweepConfig, workers: int) -> None:
         progress_path(config.output, index).unlink(missing_ok=True)
 
 
-def _work(config: SweepConfig, log: Path, threads: int, progress: Path, groups) -> None:
-    """One worker: (task, length) groups from the `groups` queue until it says None, one model for all of them; its
+def _work(config: SweepConfig, log: Path, threads: int, progress: Path, queue) -> None:
+    """One worker: units of runs (their keys) from the `queue` until it says None, one model for all of them; its
     output in its log, its work in flight in `progress`."""
     with open(log, "w", buffering=1) as stream:
         os.dup2(stream.fileno(), sys.stdout.fileno())
@@ -177,6 +202,6 @@ def _work(config: SweepConfig, log: Path, threads: int, progress: Path, groups) 
         from .sweep import execute
 
         runs, lm = plan(config), None
-        while (group := groups.get()) is not None:
-            mine = [run for run in runs if (run.task, run.length) == tuple(group)]
+        while (unit := queue.get()) is not None:
+            mine = [run for run in runs if run.key in unit]
             lm = execute(config, mine, lambda n: write_text_atomic(progress, f"{n:.4f}"), lm).lm or lm
