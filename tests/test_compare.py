@@ -239,5 +239,11 @@ def test_report_gives_intervals_and_the_highest_compression_within_one_point(tab
     # 0.0313, is a little above the binomial bound 0.03 here); the difference of two such: 4.3 * sqrt(2) = 6.1
     assert "| full | full | 0.000 | 90.0 | 4.3 | 200 |" in text
     assert "| kvzap_mlp | tau=-4 | 0.500 | 2.0x | 90.0 ± 4.3 | +0.0 ± 6.1 |" in text
+    assert "No setting within 1 point" not in text  # every method has one
     worse = [r for r in load_table(tables / "old.jsonl") if r.get("threshold") != -4]
     assert "No setting stays within 1 point of the full cache at 1024" in markdown(worse, "r")
+    # a method with no such setting is still named, with its most accurate setting (tau=-3: 80 vs 90, not tau=-2)
+    assert (
+        "No setting within 1 point at 1024; each method's closest, minus full: kvzap_mlp tau=-3 (0.600, 2.5x): -10.0 ±"
+        in markdown(worse, "r")
+    )

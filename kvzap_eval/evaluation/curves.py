@@ -139,3 +139,22 @@ def highest_within_full(
             if p.curve not in best or p.compression > best[p.curve].compression:
                 best[p.curve] = p
     return [(p, difference(p.accuracy, full.accuracy)) for _, p in sorted(best.items(), key=lambda kv: kv[0].name)]
+
+
+def closest_short_of_full(
+    all_points: list[Point], length: int, points_below: float = 1.0
+) -> list[tuple[Point, Estimate]]:
+    """The curves at `length` that `highest_within_full` leaves out (no setting within `points_below` points of the
+    full cache), each with its most accurate setting and that setting's difference to the full cache (95%); empty
+    without a full-cache point."""
+    full = next((p for p in all_points if p.length == length and p.curve.method == "full"), None)
+    if full is None:
+        return []
+    within = {p.curve for p, _ in highest_within_full(all_points, length, points_below)}
+    best: dict[Curve, Point] = {}
+    for p in all_points:
+        if p.length != length or p.curve.method == "full" or p.curve in within:
+            continue
+        if p.curve not in best or p.accuracy.mean > best[p.curve].accuracy.mean:
+            best[p.curve] = p
+    return [(p, difference(p.accuracy, full.accuracy)) for _, p in sorted(best.items(), key=lambda kv: kv[0].name)]

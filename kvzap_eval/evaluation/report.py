@@ -21,7 +21,7 @@ from ..errors import ConfigError, require
 from ..plotting import pyplot
 from .coverage import coverage_lines
 from .curve_plot import CurvePoints, plot_curves
-from .curves import highest_within_full, interpolate, points, setting_label, tasks_by_length
+from .curves import closest_short_of_full, highest_within_full, interpolate, points, setting_label, tasks_by_length
 from .intervals import Estimate, average_estimate, task_estimate
 from .table import identity_groups, load_table
 
@@ -82,25 +82,36 @@ def estimate_of(row: Row) -> Estimate:
 
 
 def frontier_lines(rows: list[Row], length: int) -> list[str]:
-    """The summary no single setting shows: each method's highest compression within 1 point of the full cache."""
+    """The summary no single setting shows: each method's highest compression within 1 point of the full cache,
+    then the methods with no such setting and how close their best one came."""
     here = [r for r in rows if r["length"] == length]
-    found = highest_within_full(points([("", here)])[0], length)
-    if not found:
-        has_full = any(r["method"] == "full" for r in here)
-        return [f"No setting stays within 1 point of the full cache at {length} (on average).", ""] if has_full else []
-    lines = [
-        f"Highest compression whose {_average_of(rows, length)} stays within 1 point of the full cache at {length}"
-        " (95% intervals):",
-        "",
-        "| method | setting | compression ratio | x | accuracy | minus full |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p, below in found:
-        lines.append(
-            f"| {p.curve.method} | {p.setting} | {p.compression:.3f} | {1 / (1 - p.compression):.1f}x"
-            f" | {p.accuracy.points()} | {below.points()} |"
+    all_points = points([("", here)])[0]
+    found = highest_within_full(all_points, length)
+    lines = []
+    if found:
+        lines += [
+            f"Highest compression whose {_average_of(rows, length)} stays within 1 point of the full cache at {length}"
+            " (95% intervals):",
+            "",
+            "| method | setting | compression ratio | x | accuracy | minus full |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p, below in found:
+            lines.append(
+                f"| {p.curve.method} | {p.setting} | {p.compression:.3f} | {1 / (1 - p.compression):.1f}x"
+                f" | {p.accuracy.points()} | {below.points()} |"
+            )
+        lines.append("")
+    elif any(r["method"] == "full" for r in here):
+        lines += [f"No setting stays within 1 point of the full cache at {length} (on average).", ""]
+    short = closest_short_of_full(all_points, length)
+    if short:
+        closest = "; ".join(
+            f"{p.curve.method} {p.setting} ({p.compression:.3f}, {1 / (1 - p.compression):.1f}x): {below.points()}"
+            for p, below in short
         )
-    return [*lines, ""]
+        lines += [f"No setting within 1 point at {length}; each method's closest, minus full: {closest}.", ""]
+    return lines
 
 
 def _runs(rows: list[Row], length: int, method: str, **setting) -> dict[str, Row]:
