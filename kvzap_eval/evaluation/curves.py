@@ -122,13 +122,17 @@ def interpolate(curve: list[Point], compression: float) -> Estimate | None:
     return None
 
 
+def _full_point(all_points: list[Point], length: int) -> Point | None:
+    return next((p for p in all_points if p.length == length and p.curve.method == "full"), None)
+
+
 def highest_within_full(
     all_points: list[Point], length: int, points_below: float = 1.0
 ) -> list[tuple[Point, Estimate]]:
     """For each curve at `length`: its most compressed setting whose average accuracy is at most `points_below`
     points under the full cache's, with its difference to the full cache (95%). Curves with no such setting are left
     out; empty without a full-cache point."""
-    full = next((p for p in all_points if p.length == length and p.curve.method == "full"), None)
+    full = _full_point(all_points, length)
     if full is None:
         return []
     best: dict[Curve, Point] = {}
@@ -147,7 +151,7 @@ def closest_short_of_full(
     """The curves at `length` that `highest_within_full` leaves out (no setting within `points_below` points of the
     full cache), each with its most accurate setting and that setting's difference to the full cache (95%); empty
     without a full-cache point."""
-    full = next((p for p in all_points if p.length == length and p.curve.method == "full"), None)
+    full = _full_point(all_points, length)
     if full is None:
         return []
     within = {p.curve for p, _ in highest_within_full(all_points, length, points_below)}

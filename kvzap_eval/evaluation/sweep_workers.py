@@ -3,16 +3,16 @@
 The workers take units of work one at a time from a shared queue, the largest first (a fixed `--shard i/N` split
 could leave one worker alone with the last groups while the other idled). A unit is a whole (task, length) group,
 whose runs share one prefill per context; when there are fewer groups than workers, each group is cut into as many
-units as it takes to give every worker one (each its own prefill: more work in all, less wall time), and a
-fixed-ratio run stays in the unit of the KVzap run whose achieved ratio it needs (`units_to_run`). Each worker runs
-in a spawned process with its share of the CPU threads, loads the model once, and writes its own table beside
-`--output` (`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a copy of
-`--output`, so the runs already there are skipped. When the workers end, their tables are merged into `--output`
-(`merge_tables`: one row per run) and removed; a worker that failed leaves its log and is named in one error line,
-after the rows that did finish were merged. The rows are the same as one process's: the same runs, each computed as
-`--engine` computes it. Worker tables left by a sweep that was killed before it could merge them (its process or its
-machine gone) are merged into `--output` by the next `kvzap-eval sweep` on it (`recover_worker_tables`) before
-anything else, so a rerun resumes after every run any worker finished.
+units as it takes to give every worker one (each its own prefill: more work in all, less wall time than one worker
+alone), and a fixed-ratio run stays in the unit of the KVzap run whose achieved ratio it needs (`units_to_run`).
+Each worker runs in a spawned process with its share of the CPU threads, loads the model once, and writes its own
+table beside `--output` (`<output>.worker-i.jsonl`, its log `<output>.worker-i.log`). A worker's table starts as a
+copy of `--output`, so the runs already there are skipped. When the workers end, their tables are merged into
+`--output` (`merge_tables`: one row per run) and removed; a worker that failed leaves its log and is named in one
+error line, after the rows that did finish were merged. The rows are the same as one process's: the same runs, each
+computed as `--engine` computes it. Worker tables left by a sweep that was killed before it could merge them (its
+process or its machine gone) are merged into `--output` by the next `kvzap-eval sweep` on it
+(`recover_worker_tables`) before anything else, so a rerun resumes after every run any worker finished.
 """
 
 from __future__ import annotations
