@@ -91,7 +91,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
 
 
 def test_report_targets_met_at_three_x_and_compared_on_common_tasks():
-    from kvzap_eval.evaluation.report import targets
+    from kvzap_eval.evaluation.targets import targets
 
     def rows(method, ratio, accuracies, tau=None, matched=None):
         setting = {"method": method, "length": 1024, "compression_ratio": ratio, "threshold": tau, "n": 50}

@@ -162,3 +162,39 @@ def closest_short_of_full(
         if p.curve not in best or p.accuracy.mean > best[p.curve].accuracy.mean:
             best[p.curve] = p
     return [(p, difference(p.accuracy, full.accuracy)) for _, p in sorted(best.items(), key=lambda kv: kv[0].name)]
+
+
+def averaged(rows: list[dict]) -> list[dict]:
+    """Mean accuracy and compression over tasks, per (method, setting, length), for settings present on every task
+    measured at that length."""
+    tasks_at = tasks_by_length(rows)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r.get("threshold"), r.get("matched_threshold"), r.get("ratio"), r["length"])].append(r)
+    out = []
+    for (method, threshold, matched, ratio, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if {m["task"] for m in members} != tasks_at[length]:
+            continue
+        out.append(
+            {
+                "method": method,
+                "threshold": threshold,
+                "matched_threshold": matched,
+                "ratio": ratio,
+                "length": length,
+                "task": "average",
+                "accuracy": sum(m["accuracy"] for m in members) / len(members),
+                "compression_ratio": sum(m["compression_ratio"] for m in members) / len(members),
+                "n": sum(m["n"] for m in members),
+                "accuracy_stderr": average_estimate(members).stderr,
+            }
+        )
+    return out
+
+
+def tasks_note(rows: list[dict], length: int) -> str:
+    """`N tasks`, naming them when the table measured fewer at `length` than at its longest list of tasks."""
+    here, everywhere = tasks_by_length(rows)[length], {r["task"] for r in rows}
+    if here == everywhere:
+        return f"{len(here)} tasks"
+    return f"{len(here)} of {len(everywhere)} tasks: {', '.join(sorted(here))}"

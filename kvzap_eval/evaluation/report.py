@@ -21,56 +21,17 @@ from ..errors import ConfigError, require
 from ..plotting import pyplot
 from .coverage import coverage_lines
 from .curve_plot import CurvePoints, plot_curves
-from .curves import closest_short_of_full, highest_within_full, interpolate, points, setting_label, tasks_by_length
-from .intervals import Estimate, average_estimate, task_estimate
+from .curves import averaged, closest_short_of_full, highest_within_full, points, setting_label, tasks_note
+from .intervals import Estimate, task_estimate
 from .table import identity_groups, load_table
-
-#: The targets of issue #6 (paper: 2-4x compression with negligible loss): KVzap-MLP at >= 3x within 2 points of
-#: full cache; random and streaming at the same ratio at least 15 points below KVzap; KVzap within 3 points of KVzip+.
-THREE_X = 2 / 3
+from .targets import targets
 
 Row = dict
 
 
-def averaged(rows: list[Row]) -> list[Row]:
-    """Mean accuracy and compression over tasks, per (method, setting, length), for settings present on every task
-    measured at that length."""
-    tasks_at = tasks_by_length(rows)
-    groups: dict[tuple, list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[(r["method"], r.get("threshold"), r.get("matched_threshold"), r.get("ratio"), r["length"])].append(r)
-    out = []
-    for (method, threshold, matched, ratio, length), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        if {m["task"] for m in members} != tasks_at[length]:
-            continue
-        out.append(
-            {
-                "method": method,
-                "threshold": threshold,
-                "matched_threshold": matched,
-                "ratio": ratio,
-                "length": length,
-                "task": "average",
-                "accuracy": sum(m["accuracy"] for m in members) / len(members),
-                "compression_ratio": sum(m["compression_ratio"] for m in members) / len(members),
-                "n": sum(m["n"] for m in members),
-                "accuracy_stderr": average_estimate(members).stderr,
-            }
-        )
-    return out
-
-
-def _tasks_note(rows: list[Row], length: int) -> str:
-    """`N tasks`, naming them when the table measured fewer at `length` than at its longest list of tasks."""
-    here, everywhere = tasks_by_length(rows)[length], {r["task"] for r in rows}
-    if here == everywhere:
-        return f"{len(here)} tasks"
-    return f"{len(here)} of {len(everywhere)} tasks: {', '.join(sorted(here))}"
-
-
 def _average_of(rows: list[Row], length: int) -> str:
     """`9-task average`, or `average over 4 of 9 tasks: ...` when fewer tasks were measured at `length`."""
-    note = _tasks_note(rows, length)
+    note = tasks_note(rows, length)
     return f"{note.removesuffix(' tasks')}-task average" if note.endswith(" tasks") else f"average over {note}"
 
 
@@ -114,144 +75,6 @@ def frontier_lines(rows: list[Row], length: int) -> list[str]:
     return lines
 
 
-def _runs(rows: list[Row], length: int, method: str, **setting) -> dict[str, Row]:
-    """task -> row of one (method, setting) at one length."""
-    return {
-        r["task"]: r
-        for r in rows
-        if r["length"] == length and r["method"] == method and all(r.get(k) == v for k, v in setting.items())
-    }
-
-
-def _compare(reference: dict[str, Row], other: dict[str, Row], n_tasks: int) -> tuple[float, float, float, str] | None:
-    """Mean accuracy of `reference` and `other`, and `other`'s mean ratio, over the tasks both measured; the last
-    item names the subset when it is not every task. None when they share no task."""
-    common = sorted(set(reference) & set(other))
-    if not common:
-        return None
-    mean = lambda runs, key: sum(runs[t][key] for t in common) / len(common)  # noqa: E731
-    subset = "" if len(common) == n_tasks else f" [on {len(common)} of {n_tasks} tasks: {', '.join(common)}]"
-    return mean(reference, "accuracy"), mean(other, "accuracy"), mean(other, "compression_ratio"), subset
-
-
-def _on_ratio_grid(
-    rows: list[Row], length: int, method: str, kvzap: dict[str, Row], n_tasks: int
-) -> tuple[float, float, float, str] | None:
-    """KVzap's mean accuracy, `method`'s accuracy interpolated on its own ratio grid (`sweep --ratios`) at KVzap's
-    mean compression, that compression, and the subset note. Over every task KVzap measured when the grid points
-    measured on all of them span its compression (points on fewer tasks left out), else over the tasks KVzap and
-    every grid point measured. None without such tasks or when KVzap's compression lies outside the grid's."""
-    grid = [r for r in rows if r["length"] == length and r["method"] == method and r.get("ratio") is not None]
-    per_setting: dict[float, set[str]] = defaultdict(set)
-    for r in grid:
-        per_setting[r["ratio"]].add(r["task"])
-    covering = {ratio for ratio, tasks in per_setting.items() if set(kvzap) <= tasks}
-    attempts = [(sorted(kvzap), covering)] if covering else []
-    if per_setting and covering != set(per_setting):  # else the wider attempt is the same one
-        attempts.append((sorted(set(kvzap).intersection(*per_setting.values())), set(per_setting)))
-    for common, ratios in attempts:
-        if not common:
-            continue
-        curve, _ = points([("", [r for r in grid if r["task"] in common and r["ratio"] in ratios])])
-        compression = sum(kvzap[t]["compression_ratio"] for t in common) / len(common)
-        estimate = interpolate(curve, compression)
-        if estimate is not None:
-            subset = "" if len(common) == n_tasks else f" [on {len(common)} of {n_tasks} tasks: {', '.join(common)}]"
-            return sum(kvzap[t]["accuracy"] for t in common) / len(common), estimate.mean, compression, subset
-    return None
-
-
-def _within_kvzip_plus(below: float) -> str:
-    """Verdict on KVzap's distance below KVzip+ (points; negative: KVzap is above it)."""
-    return "met" if below <= 3 else "MISSED (target: KVzap within 3 points of KVzip+)"
-
-
-def targets(rows: list[Row], length: int) -> list[str]:
-    """The issue's targets at one context length, each said plainly as met, missed or not measured.
-
-    KVzap's tau is chosen among the taus measured on every task; each baseline is compared with KVzap on the tasks
-    both measured (named when that is not every task)."""
-    n_tasks = len({r["task"] for r in rows if r["length"] == length})
-    average = [r for r in averaged(rows) if r["length"] == length]
-    full = next((r for r in average if r["method"] == "full"), None)
-    kvzap = [r for r in average if r["method"] == "kvzap_mlp"]
-    if full is None or not kvzap:
-        return [f"- {length} tokens: not measured (needs full and kvzap_mlp on every task)"]
-    reaching = [r for r in kvzap if r["compression_ratio"] >= THREE_X]
-    if reaching:
-        best = max(reaching, key=lambda r: r["accuracy"])
-        note = ""
-    else:
-        best = max(kvzap, key=lambda r: r["compression_ratio"])
-        note = f" (no tau measured reaches 3x; the most compressing, {1 / (1 - best['compression_ratio']):.2f}x, shown)"
-    gap = 100 * (full["accuracy"] - best["accuracy"])
-    tau = best["threshold"]
-    tasks = _tasks_note(rows, length)
-    where = "" if tasks.endswith(" tasks") else f" [average over {tasks}]"
-    lines = [
-        f"- {length} tokens, KVzap-MLP tau={tau} at {1 / (1 - best['compression_ratio']):.2f}x"
-        f" (ratio {best['compression_ratio']:.3f}){note}{where}: {100 * best['accuracy']:.1f} vs full"
-        f" {100 * full['accuracy']:.1f}, {gap:+.2f} points below: "
-        + ("met (within 2)" if gap <= 2 and reaching else "MISSED (target: >= 3x within 2 points)")
-    ]
-    # each baseline at the chosen tau's ratio, else at another tau where it and KVzap were both measured
-    taus = [tau] + sorted({r["threshold"] for r in rows if r["method"] == "kvzap_mlp"} - {tau}, reverse=True)
-
-    def measured(method: str, setting: str):
-        for t in taus:
-            found = _compare(_runs(rows, length, "kvzap_mlp", threshold=t), _runs(rows, length, method, **{setting: t}),
-                             n_tasks)  # fmt: skip
-            if found is not None:
-                return t, found[:3], found[3] + ("" if t == tau else f" (not measured at tau={tau})")
-        return None
-
-    for method, margin in (("random", 15.0), ("streaming", 15.0)):
-        found = measured(method, "matched_threshold")
-        if found is None:
-            on_grid = _on_ratio_grid(rows, length, method, _runs(rows, length, "kvzap_mlp", threshold=tau), n_tasks)
-            if on_grid is None:
-                lines.append(f"- {length} tokens, {method} at the same ratio: not measured")
-                continue
-            (kvzap_acc, other_acc, ratio), subset = on_grid[:3], on_grid[3]
-            below = 100 * (kvzap_acc - other_acc)
-            verdict = "met" if below >= margin else f"MISSED (target: >= {margin:.0f} points below KVzap)"
-            lines.append(
-                f"- {length} tokens, {method} at KVzap's compression at tau={tau} ({ratio:.3f}, interpolated on its"
-                f" ratio grid): {100 * other_acc:.1f}, KVzap {100 * kvzap_acc:.1f}, {below:+.1f} points below KVzap"
-                f"{subset}: {verdict}"
-            )
-            continue
-        t, (kvzap_acc, other_acc, other_ratio), subset = found
-        below = 100 * (kvzap_acc - other_acc)
-        verdict = "met" if below >= margin else f"MISSED (target: >= {margin:.0f} points below KVzap)"
-        lines.append(
-            f"- {length} tokens, {method} at the ratio of tau={t} ({other_ratio:.3f}): {100 * other_acc:.1f}, KVzap"
-            f" {100 * kvzap_acc:.1f}, {below:+.1f} points below KVzap{subset}: {verdict}"
-        )
-    found = measured("kvzip_plus_threshold", "threshold")
-    if found is None:
-        lines.append(f"- {length} tokens, KVzip+ oracle under the same threshold policy (tau={tau}): not measured")
-    else:
-        t, (kvzap_acc, oracle_acc, oracle_ratio), subset = found
-        below = 100 * (oracle_acc - kvzap_acc)
-        verdict = _within_kvzip_plus(below)
-        lines.append(
-            f"- {length} tokens, KVzip+ oracle scores under the same policy (tau={t}, ratio {oracle_ratio:.3f}):"
-            f" {100 * oracle_acc:.1f}, KVzap {100 * kvzap_acc:.1f}, {below:+.1f} points below it{subset}: {verdict}"
-        )
-    adakv = _runs(rows, length, "kvzap_adakv", matched_threshold=tau)
-    found = _compare(adakv, _runs(rows, length, "kvzip_plus", matched_threshold=tau), n_tasks)
-    if found is not None:
-        adakv_acc, fixed_acc, _, subset = found
-        below = 100 * (fixed_acc - adakv_acc)
-        verdict = _within_kvzip_plus(below)
-        lines.append(
-            f"- {length} tokens, at KVzap's ratio with the AdaKV policy: KVzip+ {100 * fixed_acc:.1f},"
-            f" KVzap-AdaKV {100 * adakv_acc:.1f} ({below:+.1f} points below){subset}: {verdict}"
-        )
-    return lines
-
-
 def markdown(rows: list[Row], command: str) -> str:
     """The report's text: the command, the targets, what the table holds, then one table per context length
     (methods x settings, averaged over tasks) and the per-task rows."""
@@ -287,7 +110,7 @@ def markdown(rows: list[Row], command: str) -> str:
     ]
     for length in sorted({r["length"] for r in rows}):
         lines += [
-            f"## Context length {length} (average over {_tasks_note(rows, length)})",
+            f"## Context length {length} (average over {tasks_note(rows, length)})",
             "",
             "| method | setting | compression ratio | accuracy | ± 95% | n |",
             "|---|---|---|---|---|---|",
