@@ -49,4 +49,3 @@ def process_results_all(doc: dict, results: list[str]) -> dict[str, float]:
 def process_results_part(doc: dict, results: list[str]) -> dict[str, float]:
     """Score with `string_match_part` (QA: any accepted answer)."""
     return _per_length(doc, string_match_part(postprocess(results[0]), doc["outputs"]))
-
