@@ -111,7 +111,7 @@ def markdown(tables: list[tuple[str, list[dict]]], command: str) -> str:
             ]
             for p, below in frontier:
                 lines.append(
-                    f"| {p.curve.name} | {p.setting} | {p.compression:.3f} | {1 / (1 - p.compression):.1f}x"
+                    f"| {p.curve.name} | {p.setting} | {p.compression:.3f} | {p.times}"
                     f" | {p.accuracy.points()} | {below.points()} |"
                 )
         rows = [c for c in comparisons(all_points, reference) if c["point"].length == length]

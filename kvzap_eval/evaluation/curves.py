@@ -64,6 +64,16 @@ class Point:
     accuracy: Estimate
     n_min: int
 
+    @property
+    def times(self) -> str:
+        """The compression as `N.Nx`."""
+        return times(self.compression)
+
+
+def times(compression: float) -> str:
+    """A compression ratio as the `N.Nx` it gives (1 / (1 - ratio))."""
+    return f"{1 / (1 - compression):.1f}x"
+
 
 def groups(tables: list[tuple[str, list[dict]]]) -> dict[tuple[Curve, str, int], dict[str, dict]]:
     """(curve, setting, length) -> task -> row; the full cache is taken from the first table that has it."""

@@ -59,7 +59,7 @@ def frontier_lines(rows: list[Row], length: int) -> list[str]:
         ]
         for p, below in found:
             lines.append(
-                f"| {p.curve.method} | {p.setting} | {p.compression:.3f} | {1 / (1 - p.compression):.1f}x"
+                f"| {p.curve.method} | {p.setting} | {p.compression:.3f} | {p.times}"
                 f" | {p.accuracy.points()} | {below.points()} |"
             )
         lines.append("")
@@ -68,8 +68,7 @@ def frontier_lines(rows: list[Row], length: int) -> list[str]:
     short = closest_short_of_full(all_points, length)
     if short:
         closest = "; ".join(
-            f"{p.curve.method} {p.setting} ({p.compression:.3f}, {1 / (1 - p.compression):.1f}x): {below.points()}"
-            for p, below in short
+            f"{p.curve.method} {p.setting} ({p.compression:.3f}, {p.times}): {below.points()}" for p, below in short
         )
         lines += [f"No setting within 1 point at {length}; each method's closest, minus full: {closest}.", ""]
     return lines

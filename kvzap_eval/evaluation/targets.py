@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .curves import averaged, interpolate, points, tasks_note
+from .curves import averaged, interpolate, points, tasks_note, times
 
 #: A setting at >= 3x compression (KVzap-MLP target).
 THREE_X = 2 / 3
@@ -160,14 +160,13 @@ def _adakv_lines(rows: list[Row], length: int, tau: float, compression: float, n
             _runs(rows, length, "kvzap_adakv", **setting), _runs(rows, length, "kvzip_plus", **setting), n_tasks
         )
 
+    def ratios(method: str) -> set[float]:
+        return {r["ratio"] for r in rows if r["length"] == length and r["method"] == method and r.get("ratio")}
+
     found = both(matched_threshold=tau)
     where = "at KVzap's ratio"
     if found is None:
-        grid = sorted(
-            {r["ratio"] for r in rows if r["length"] == length and r["method"] == "kvzip_plus" and r.get("ratio")}
-            & {r["ratio"] for r in rows if r["length"] == length and r["method"] == "kvzap_adakv" and r.get("ratio")},
-            key=lambda ratio: abs(ratio - compression),
-        )
+        grid = sorted(ratios("kvzip_plus") & ratios("kvzap_adakv"), key=lambda ratio: abs(ratio - compression))
         for ratio in grid:
             found = both(ratio=ratio)
             if found is not None:
@@ -199,7 +198,7 @@ def needle_lines(rows: list[Row], length: int) -> list[str]:
         top = max(lossless, key=lambda r: r["compression_ratio"], default=None)
         upto = (
             f"KVzap-MLP within 1 point of the full cache ({100 * full['accuracy']:.1f}) up to tau={top['threshold']} at"
-            f" {_times(top)} ({100 * top['accuracy']:.1f})"
+            f" {times(top['compression_ratio'])} ({100 * top['accuracy']:.1f})"
             if top
             else f"no KVzap-MLP tau within 1 point of the full cache ({100 * full['accuracy']:.1f})"
         )
@@ -209,16 +208,12 @@ def needle_lines(rows: list[Row], length: int) -> list[str]:
         at_five = [r for r in kvzap if r["compression_ratio"] >= FIVE_X]
         if not at_five:
             most = max(kvzap, key=lambda r: r["compression_ratio"])
-            lines.append(f"{head}: {upto}; not measured at >= 5x (the most compressing tau: {_times(most)})")
+            most_times = times(most["compression_ratio"])
+            lines.append(f"{head}: {upto}; not measured at >= 5x (the most compressing tau: {most_times})")
             continue
         best = max(at_five, key=lambda r: r["accuracy"])
         lines.append(
-            f"{head}: {upto}; its best at >= 5x, tau={best['threshold']} at {_times(best)}:"
+            f"{head}: {upto}; its best at >= 5x, tau={best['threshold']} at {times(best['compression_ratio'])}:"
             f" {100 * best['accuracy']:.1f}: MISSED (target: within 1 point at >= 5x)"
         )
     return lines
-
-
-def _times(row: Row) -> str:
-    """A row's compression as `N.Nx` (1 / (1 - ratio))."""
-    return f"{1 / (1 - row['compression_ratio']):.1f}x"
