@@ -70,7 +70,7 @@ def frontier_lines(rows: list[Row], length: int) -> list[str]:
         closest = "; ".join(
             f"{p.curve.method} {p.setting} ({p.compression:.3f}, {p.times}): {below.points()}" for p, below in short
         )
-        lines += [f"No setting within 1 point at {length}; each method's closest, minus full: {closest}.", ""]
+        lines += [f"Methods with no setting within 1 point at {length}, each one's closest, minus full: {closest}.", ""]
     return lines
 
 
